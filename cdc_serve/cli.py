@@ -1,0 +1,237 @@
+"""The ``cdc-serve`` command line: thin Typer commands over the library modules.
+
+Every command turns a :class:`cdc_serve.CDCError` into one line on stderr and exit
+status 2, so bad input never shows a traceback. Commands that need torch
+(``train``, ``export``, ``evaluate`` of a ``.pth``) import it only when they run.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from cdc_serve import CDCError, __version__
+
+app = typer.Typer(
+    help="Train calibrated deep clustering models, export them to ONNX/Triton, serve and score.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _user_errors(func):
+    """Print a CDCError (or a missing optional dependency) as one line and exit 2."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except CDCError as exc:
+            typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2) from None
+        except ModuleNotFoundError as exc:
+            if exc.name in {"torch", "torchvision", "cdc_serve_training"}:
+                typer.secho(
+                    f"error: this command needs the training extra ({exc.name} is missing): "
+                    "pip install 'cdc-serve[train]'",
+                    fg=typer.colors.RED,
+                    err=True,
+                )
+                raise typer.Exit(2) from None
+            raise
+        except KeyboardInterrupt:
+            typer.secho("interrupted", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"cdc-serve {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(
+        False, "--version", callback=_version_callback, is_eager=True, help="Print the version."
+    ),
+) -> None:
+    """cdc-serve: cluster IDs with a confidence you can trust."""
+
+
+@app.command()
+@_user_errors
+def train(
+    dataset: str = typer.Option("fashion-mnist", help="fashion-mnist, digits, cifar10, cifar20, stl10 or imagefolder:PATH."),
+    preset: str = typer.Option("quick", help="quick (small CNN, 2-core CPU) or paper (ResNet, GPU)."),
+    out: Path = typer.Option(Path("runs/fmnist"), help="Output folder for model.pth, metrics.json and checkpoints."),
+    method: str = typer.Option("cdc", help="cdc or ruc."),
+    init_from: Optional[str] = typer.Option(None, help="RUC only: kmeans, a CDC model.pth, or a labels .npy/.csv."),
+    data_root: Optional[Path] = typer.Option(None, help="Folder holding the dataset files (default: the usual place per dataset)."),
+    split: str = typer.Option("all", help="train, test or all (the paper merges train and test)."),
+    backbone: Optional[str] = typer.Option(None, help="Override the preset's backbone: smallcnn, resnet18, resnet34."),
+    epochs: Optional[int] = typer.Option(None, help="Override the number of CDC (or RUC) epochs."),
+    pretrain_epochs: Optional[int] = typer.Option(None, help="Override the number of MoCo-v2 epochs."),
+    ablation: Optional[str] = typer.Option(None, help="One of the paper's Table 2 variants (see docs/ABLATIONS.md)."),
+    device: str = typer.Option("auto", help="auto (CUDA if present), cpu or cuda."),
+    seed: int = typer.Option(0, help="Random seed."),
+    limit: Optional[int] = typer.Option(None, help="Use only the first N images (quick experiments)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoints in --out."),
+    download: bool = typer.Option(False, "--download", help="Allow downloading a missing dataset."),
+) -> None:
+    """Pretrain (MoCo-v2), initialise the heads from prototypes and train CDC or RUC."""
+    from cdc_serve_training.config import make_config
+    from cdc_serve_training.pipeline import train as run_training
+
+    config = make_config(
+        preset=preset,
+        dataset=dataset,
+        out=str(out),
+        method=method,
+        init_from=init_from,
+        data_root=str(data_root) if data_root else None,
+        split=split,
+        backbone=backbone,
+        epochs=epochs,
+        pretrain_epochs=pretrain_epochs,
+        ablation=ablation,
+        device=device,
+        seed=seed,
+        limit=limit,
+        download=download,
+    )
+    model_path = run_training(config, resume=resume)
+    typer.echo(f"model: {model_path}")
+    typer.echo(f"metrics: {model_path.parent / 'metrics.json'}")
+
+
+@app.command()
+@_user_errors
+def export(
+    model: Path = typer.Argument(..., help="A model.pth written by `cdc-serve train`."),
+    out: Path = typer.Option(Path("model_repository"), help="Triton model repository to write into."),
+    name: str = typer.Option("cdc", help="Model name inside the repository."),
+    format: str = typer.Option("onnx", "--format", help="onnx or tensorrt."),
+    backend: str = typer.Option("onnxruntime", help="onnxruntime (NVIDIA's containers) or python (the pip-installed tritonserver)."),
+    max_batch: int = typer.Option(256, help="Largest batch Triton may form."),
+    fp16: bool = typer.Option(False, "--fp16", help="TensorRT only: build an fp16 engine."),
+    trt_accelerator: bool = typer.Option(False, "--trt-accelerator", help="onnxruntime backend: enable the TensorRT execution accelerator in config.pbtxt."),
+    data_root: Optional[Path] = typer.Option(None, help="Where the training dataset lives (to verify on a real batch)."),
+) -> None:
+    """Export backbone + calibration head to ONNX (or TensorRT) inside a Triton model repository."""
+    from cdc_serve.export import export_model
+
+    result = export_model(
+        model,
+        out=out,
+        name=name,
+        fmt=format,
+        backend=backend,
+        max_batch=max_batch,
+        fp16=fp16,
+        trt_accelerator=trt_accelerator,
+        data_root=data_root,
+    )
+    typer.echo(result.summary())
+
+
+@app.command()
+@_user_errors
+def serve(
+    repository: Path = typer.Argument(Path("model_repository"), help="Triton model repository."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind (loopback unless you say otherwise)."),
+    http_port: int = typer.Option(8000, help="HTTP port."),
+    grpc_port: int = typer.Option(8001, help="gRPC port."),
+    metrics_port: int = typer.Option(8002, help="Prometheus metrics port."),
+) -> None:
+    """Start a Triton Inference Server on the repository and wait (Ctrl-C stops it)."""
+    from cdc_serve.serve import serve_forever
+
+    serve_forever(
+        repository, host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port
+    )
+
+
+@app.command()
+@_user_errors
+def predict(
+    inputs: list[Path] = typer.Argument(..., help="Image files, folders (recursive), .npy arrays or IDX files."),
+    model: Optional[Path] = typer.Option(None, help="Exported model (repository/<name>, a version folder or model.onnx)."),
+    url: Optional[str] = typer.Option(None, help="Triton server HOST:PORT (instead of --model)."),
+    protocol: str = typer.Option("http", help="http or grpc, with --url."),
+    model_name: str = typer.Option("cdc", help="Model name on the Triton server."),
+    reject_below: float = typer.Option(0.8, help="Reject predictions whose calibrated confidence is below this."),
+    batch_size: int = typer.Option(256, help="Images per request."),
+    output: Optional[Path] = typer.Option(None, help="preds.csv or preds.jsonl (default: print the summary only)."),
+    ood_score: Optional[str] = typer.Option(None, help="OOD score to use (default: the model's best)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run into the same --output."),
+    labels: Optional[Path] = typer.Option(None, help="Optional IDX/.npy labels to report the true accuracy beside the estimate."),
+    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Progress bar (default: on a terminal only)."),
+) -> None:
+    """Score images: cluster ID, calibrated confidence, rejection and OOD flags per image."""
+    from cdc_serve.predict import predict as run_predict
+
+    summary = run_predict(
+        inputs,
+        model=model,
+        url=url,
+        protocol=protocol,
+        model_name=model_name,
+        reject_below=reject_below,
+        batch_size=batch_size,
+        output=output,
+        ood_score=ood_score,
+        resume=resume,
+        labels=labels,
+        progress=sys.stderr.isatty() if progress is None else progress,
+    )
+    typer.echo(summary.format())
+
+
+@app.command()
+@_user_errors
+def evaluate(
+    model: Path = typer.Argument(..., help="A model.pth or an exported model."),
+    dataset: str = typer.Option("fashion-mnist", help="Labelled dataset to evaluate on."),
+    split: str = typer.Option("test", help="train, test or all."),
+    ood_dataset: Optional[str] = typer.Option(None, help="A dataset to use as out-of-distribution data."),
+    out: Path = typer.Option(Path("runs/eval"), help="Folder for metrics.json and the PNGs."),
+    data_root: Optional[Path] = typer.Option(None, help="Folder holding the dataset files."),
+) -> None:
+    """Compute ACC, NMI, ARI, ECE, AUROC, AURC, FPR95 (and OOD scores) and draw reliability diagrams."""
+    from cdc_serve.evaluate import evaluate as run_evaluate
+
+    report = run_evaluate(
+        model, dataset=dataset, split=split, ood_dataset=ood_dataset, out=out, data_root=data_root
+    )
+    typer.echo(report.format())
+
+
+@app.command()
+@_user_errors
+def ablations(
+    dataset: str = typer.Option("fashion-mnist", help="Dataset to run the paper's Table 2 on."),
+    preset: str = typer.Option("quick", help="Preset for every row."),
+    out: Path = typer.Option(Path("docs/ABLATIONS.md"), help="Markdown report to write."),
+    runs: Path = typer.Option(Path("runs/ablations"), help="Folder for the runs."),
+    data_root: Optional[Path] = typer.Option(None, help="Folder holding the dataset files."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+) -> None:
+    """Reproduce the paper's Table 2 (ablations) and write it as Markdown."""
+    from cdc_serve_training.ablations import run_ablations
+
+    path = run_ablations(
+        dataset=dataset, preset=preset, out=out, runs=runs, data_root=data_root, device=device
+    )
+    typer.echo(f"wrote {path}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()
