@@ -25,8 +25,17 @@ data: ## Fashion-MNIST from Debian's dataset-fashion-mnist (when root and apt ar
 	  || echo "warning: could not install dataset-fashion-mnist; use --download or --data-root"; \
 	else echo "note: Fashion-MNIST not found at $(DATA_ROOT); install dataset-fashion-mnist or pass --data-root"; fi
 
-demo: install ## Train the quick model (or reuse it), export, score with rejection and OOD flags
-	$(PY) -m cdc_serve.demo --run $(RUN) --data-root $(DATA_ROOT)
+CLI := $(VENV)/bin/cdc-serve
+
+demo: install ## Train the quick model (or reuse it), export, score held-out images with rejection and OOD flags
+	@test -f $(RUN)/model.pth && echo "reusing $(RUN)/model.pth (delete it to retrain)" || \
+	  $(CLI) train --dataset fashion-mnist --split train --preset quick --out $(RUN) --data-root $(DATA_ROOT)
+	@test -d $(RUN)/model_repository/fmnist || \
+	  $(CLI) export $(RUN)/model.pth --out $(RUN)/model_repository --name fmnist --data-root $(DATA_ROOT)
+	$(CLI) predict $(DATA_ROOT)/t10k-images-idx3-ubyte.gz --model $(RUN)/model_repository/fmnist \
+	  --reject-below 0.8 --output $(RUN)/preds.csv --labels $(DATA_ROOT)/t10k-labels-idx1-ubyte.gz
+	$(CLI) evaluate $(RUN)/model.pth --dataset fashion-mnist --split test --ood-dataset digits \
+	  --data-root $(DATA_ROOT) --out $(RUN)/eval
 
 test: install ## The whole test suite, slow end-to-end tests included (what CI runs)
 	$(PY) -m pytest -q -ra

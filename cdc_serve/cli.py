@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -69,20 +68,34 @@ def main(
 @app.command()
 @_user_errors
 def train(
-    dataset: str = typer.Option("fashion-mnist", help="fashion-mnist, digits, cifar10, cifar20, stl10 or imagefolder:PATH."),
-    preset: str = typer.Option("quick", help="quick (small CNN, 2-core CPU) or paper (ResNet, GPU)."),
-    out: Path = typer.Option(Path("runs/fmnist"), help="Output folder for model.pth, metrics.json and checkpoints."),
+    dataset: str = typer.Option(
+        "fashion-mnist", help="fashion-mnist, digits, cifar10, cifar20, stl10 or imagefolder:PATH."
+    ),
+    preset: str = typer.Option(
+        "quick", help="quick (small CNN, 2-core CPU) or paper (ResNet, GPU)."
+    ),
+    out: Path = typer.Option(
+        Path("runs/fmnist"), help="Output folder for model.pth, metrics.json and checkpoints."
+    ),
     method: str = typer.Option("cdc", help="cdc or ruc."),
-    init_from: Optional[str] = typer.Option(None, help="RUC only: kmeans, a CDC model.pth, or a labels .npy/.csv."),
-    data_root: Optional[Path] = typer.Option(None, help="Folder holding the dataset files (default: the usual place per dataset)."),
+    init_from: str | None = typer.Option(
+        None, help="RUC only: kmeans, a CDC model.pth, or a labels .npy/.csv."
+    ),
+    data_root: Path | None = typer.Option(
+        None, help="Folder holding the dataset files (default: the usual place per dataset)."
+    ),
     split: str = typer.Option("all", help="train, test or all (the paper merges train and test)."),
-    backbone: Optional[str] = typer.Option(None, help="Override the preset's backbone: smallcnn, resnet18, resnet34."),
-    epochs: Optional[int] = typer.Option(None, help="Override the number of CDC (or RUC) epochs."),
-    pretrain_epochs: Optional[int] = typer.Option(None, help="Override the number of MoCo-v2 epochs."),
-    ablation: Optional[str] = typer.Option(None, help="One of the paper's Table 2 variants (see docs/ABLATIONS.md)."),
+    backbone: str | None = typer.Option(
+        None, help="Override the preset's backbone: smallcnn, resnet18, resnet34."
+    ),
+    epochs: int | None = typer.Option(None, help="Override the number of CDC (or RUC) epochs."),
+    pretrain_epochs: int | None = typer.Option(None, help="Override the number of MoCo-v2 epochs."),
+    ablation: str | None = typer.Option(
+        None, help="One of the paper's Table 2 variants (see docs/ABLATIONS.md)."
+    ),
     device: str = typer.Option("auto", help="auto (CUDA if present), cpu or cuda."),
     seed: int = typer.Option(0, help="Random seed."),
-    limit: Optional[int] = typer.Option(None, help="Use only the first N images (quick experiments)."),
+    limit: int | None = typer.Option(None, help="Use only the first N images (quick experiments)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoints in --out."),
     download: bool = typer.Option(False, "--download", help="Allow downloading a missing dataset."),
 ) -> None:
@@ -116,14 +129,25 @@ def train(
 @_user_errors
 def export(
     model: Path = typer.Argument(..., help="A model.pth written by `cdc-serve train`."),
-    out: Path = typer.Option(Path("model_repository"), help="Triton model repository to write into."),
+    out: Path = typer.Option(
+        Path("model_repository"), help="Triton model repository to write into."
+    ),
     name: str = typer.Option("cdc", help="Model name inside the repository."),
     format: str = typer.Option("onnx", "--format", help="onnx or tensorrt."),
-    backend: str = typer.Option("onnxruntime", help="onnxruntime (NVIDIA's containers) or python (the pip-installed tritonserver)."),
+    backend: str = typer.Option(
+        "onnxruntime",
+        help="onnxruntime (NVIDIA's containers) or python (the pip-installed tritonserver).",
+    ),
     max_batch: int = typer.Option(256, help="Largest batch Triton may form."),
     fp16: bool = typer.Option(False, "--fp16", help="TensorRT only: build an fp16 engine."),
-    trt_accelerator: bool = typer.Option(False, "--trt-accelerator", help="onnxruntime backend: enable the TensorRT execution accelerator in config.pbtxt."),
-    data_root: Optional[Path] = typer.Option(None, help="Where the training dataset lives (to verify on a real batch)."),
+    trt_accelerator: bool = typer.Option(
+        False,
+        "--trt-accelerator",
+        help="onnxruntime backend: enable the TensorRT execution accelerator in config.pbtxt.",
+    ),
+    data_root: Path | None = typer.Option(
+        None, help="Where the training dataset lives (to verify on a real batch)."
+    ),
 ) -> None:
     """Export backbone + calibration head to ONNX (or TensorRT) inside a Triton model repository."""
     from cdc_serve.export import export_model
@@ -146,7 +170,9 @@ def export(
 @_user_errors
 def serve(
     repository: Path = typer.Argument(Path("model_repository"), help="Triton model repository."),
-    host: str = typer.Option("127.0.0.1", help="Address to bind (loopback unless you say otherwise)."),
+    host: str = typer.Option(
+        "127.0.0.1", help="Address to bind (loopback unless you say otherwise)."
+    ),
     http_port: int = typer.Option(8000, help="HTTP port."),
     grpc_port: int = typer.Option(8001, help="gRPC port."),
     metrics_port: int = typer.Option(8002, help="Prometheus metrics port."),
@@ -162,18 +188,34 @@ def serve(
 @app.command()
 @_user_errors
 def predict(
-    inputs: list[Path] = typer.Argument(..., help="Image files, folders (recursive), .npy arrays or IDX files."),
-    model: Optional[Path] = typer.Option(None, help="Exported model (repository/<name>, a version folder or model.onnx)."),
-    url: Optional[str] = typer.Option(None, help="Triton server HOST:PORT (instead of --model)."),
+    inputs: list[Path] = typer.Argument(
+        ..., help="Image files, folders (recursive), .npy arrays or IDX files."
+    ),
+    model: Path | None = typer.Option(
+        None, help="Exported model (repository/<name>, a version folder or model.onnx)."
+    ),
+    url: str | None = typer.Option(None, help="Triton server HOST:PORT (instead of --model)."),
     protocol: str = typer.Option("http", help="http or grpc, with --url."),
     model_name: str = typer.Option("cdc", help="Model name on the Triton server."),
-    reject_below: float = typer.Option(0.8, help="Reject predictions whose calibrated confidence is below this."),
+    reject_below: float = typer.Option(
+        0.8, help="Reject predictions whose calibrated confidence is below this."
+    ),
     batch_size: int = typer.Option(256, help="Images per request."),
-    output: Optional[Path] = typer.Option(None, help="preds.csv or preds.jsonl (default: print the summary only)."),
-    ood_score: Optional[str] = typer.Option(None, help="OOD score to use (default: the model's best)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run into the same --output."),
-    labels: Optional[Path] = typer.Option(None, help="Optional IDX/.npy labels to report the true accuracy beside the estimate."),
-    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Progress bar (default: on a terminal only)."),
+    output: Path | None = typer.Option(
+        None, help="preds.csv or preds.jsonl (default: print the summary only)."
+    ),
+    ood_score: str | None = typer.Option(
+        None, help="OOD score to use (default: the model's best)."
+    ),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue an interrupted run into the same --output."
+    ),
+    labels: Path | None = typer.Option(
+        None, help="Optional IDX/.npy labels to report the true accuracy beside the estimate."
+    ),
+    progress: bool | None = typer.Option(
+        None, "--progress/--no-progress", help="Progress bar (default: on a terminal only)."
+    ),
 ) -> None:
     """Score images: cluster ID, calibrated confidence, rejection and OOD flags per image."""
     from cdc_serve.predict import predict as run_predict
@@ -201,9 +243,11 @@ def evaluate(
     model: Path = typer.Argument(..., help="A model.pth or an exported model."),
     dataset: str = typer.Option("fashion-mnist", help="Labelled dataset to evaluate on."),
     split: str = typer.Option("test", help="train, test or all."),
-    ood_dataset: Optional[str] = typer.Option(None, help="A dataset to use as out-of-distribution data."),
+    ood_dataset: str | None = typer.Option(
+        None, help="A dataset to use as out-of-distribution data."
+    ),
     out: Path = typer.Option(Path("runs/eval"), help="Folder for metrics.json and the PNGs."),
-    data_root: Optional[Path] = typer.Option(None, help="Folder holding the dataset files."),
+    data_root: Path | None = typer.Option(None, help="Folder holding the dataset files."),
 ) -> None:
     """Compute ACC, NMI, ARI, ECE, AUROC, AURC, FPR95 (and OOD scores) and draw reliability diagrams."""
     from cdc_serve.evaluate import evaluate as run_evaluate
@@ -221,7 +265,7 @@ def ablations(
     preset: str = typer.Option("quick", help="Preset for every row."),
     out: Path = typer.Option(Path("docs/ABLATIONS.md"), help="Markdown report to write."),
     runs: Path = typer.Option(Path("runs/ablations"), help="Folder for the runs."),
-    data_root: Optional[Path] = typer.Option(None, help="Folder holding the dataset files."),
+    data_root: Path | None = typer.Option(None, help="Folder holding the dataset files."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
 ) -> None:
     """Reproduce the paper's Table 2 (ablations) and write it as Markdown."""

@@ -1,0 +1,202 @@
+"""``cdc-serve evaluate``: run a model over a labelled data set and report every metric.
+
+Works on a trained ``model.pth`` (both heads are evaluated) or on an exported model
+(the calibration head, through onnxruntime). Writes ``metrics.json`` (the schema of
+training's metrics.json, plus an ``ood`` section), a reliability diagram and a
+confidence histogram per head, and returns a :class:`Report` whose ``format()`` is the
+printed table.
+
+Data sets are read with the training package's loaders (``cdc_serve_training.data``),
+so this command needs the ``train`` extra; scoring an exported model itself does not.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cdc_serve import CDCError, metrics, ood, plots
+
+METRIC_KEYS = ("acc", "nmi", "ari", "ece", "auroc", "aurc", "fpr95")
+
+
+@dataclass
+class Report:
+    """Metrics per head, OOD results per score, and the files written."""
+
+    dataset: str
+    split: str
+    n: int
+    heads: dict[str, dict[str, float]]
+    ood: dict[str, dict[str, float]] = field(default_factory=dict)
+    ood_dataset: str | None = None
+    files: list[Path] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        out = {"dataset": self.dataset, "split": self.split, "n": self.n, "heads": self.heads}
+        if self.ood:
+            out["ood"] = {"dataset": self.ood_dataset, "scores": self.ood}
+        return out
+
+    def format(self) -> str:
+        keys = [k for k in METRIC_KEYS if any(k in h for h in self.heads.values())]
+        lines = [
+            f"{self.dataset} ({self.split}, n={self.n})",
+            "head    " + "".join(f"{k:>8}" for k in keys),
+        ]
+        for head, values in self.heads.items():
+            cells = "".join(f"{100 * values[k]:8.2f}" if k in values else f"{'-':>8}" for k in keys)
+            lines.append(f"{head:<8}{cells}")
+        if self.ood:
+            lines.append(
+                f"OOD vs {self.ood_dataset}: "
+                + ", ".join(
+                    f"{name} AUROC {100 * v['auroc']:.2f} FPR95 {100 * v['fpr95']:.2f}"
+                    for name, v in self.ood.items()
+                )
+            )
+        lines.append("(percent)")
+        lines += [f"wrote {p}" for p in self.files]
+        return "\n".join(lines)
+
+
+def evaluate(
+    model: Path | str,
+    *,
+    dataset: str = "fashion-mnist",
+    split: str = "test",
+    ood_dataset: str | None = None,
+    out: Path | str = "runs/eval",
+    data_root: Path | str | None = None,
+    batch_size: int = 512,
+) -> Report:
+    """Evaluate ``model`` on ``dataset`` (and OOD data) and write metrics.json + PNGs to ``out``."""
+    model = Path(model)
+    if not model.exists():
+        raise CDCError(f"no model at {model}")
+    runner = _TorchRunner(model) if model.suffix == ".pth" else _OnnxRunner(model)
+    images, labels = _load(dataset, split, data_root, runner.channels, runner.input_size)
+    if labels is None:
+        raise CDCError(f"data set {dataset!r} has no labels: evaluation needs them")
+    outputs = runner.run(images, batch_size)
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    heads: dict[str, dict[str, float]] = {}
+    files: list[Path] = []
+    for head in ("clu", "cal"):
+        if head in outputs:
+            heads[head] = metrics.evaluate_probs(labels, outputs[head])
+            files.append(
+                plots.reliability_diagram(
+                    labels, outputs[head], out / f"reliability_{head}.png", title=f"{head} head"
+                )
+            )
+            files.append(
+                plots.confidence_histogram(
+                    labels, outputs[head], out / f"confidence_{head}.png", title=f"{head} head"
+                )
+            )
+
+    report = Report(dataset=dataset, split=split, n=len(labels), heads=heads, files=files)
+    if ood_dataset:
+        ood_images, _ = _load(
+            ood_dataset,
+            "all",
+            None if ood_dataset != dataset else data_root,
+            runner.channels,
+            runner.input_size,
+        )
+        ood_outputs = runner.run(ood_images, batch_size)
+        params = runner.ood_params
+        if not params:
+            raise CDCError("this model carries no OOD statistics (retrain or re-export it)")
+        s_in = ood.ood_scores(outputs["embedding"], outputs["cal"], params)
+        s_out = ood.ood_scores(ood_outputs["embedding"], ood_outputs["cal"], params)
+        report.ood_dataset = ood_dataset
+        report.ood = {
+            name: {
+                # metrics.ood_* take "higher = in distribution": negate the OOD score.
+                "auroc": metrics.ood_auroc(-s_in[name], -s_out[name]),
+                "fpr95": metrics.ood_fpr95(-s_in[name], -s_out[name]),
+            }
+            for name in s_in
+        }
+    path = out / "metrics.json"
+    path.write_text(json.dumps(report.to_json(), indent=2))
+    report.files.insert(0, path)
+    return report
+
+
+def _load(name: str, split: str, data_root, channels: int, size: tuple[int, int]):
+    """uint8 N x C x H x W images (at the model's size and channels) and labels."""
+    from cdc_serve_training.data import load_dataset, resize_images
+
+    data = load_dataset(name, root=str(data_root) if data_root else None, split=split)
+    images = data.images
+    if images.shape[1] != channels:  # grayscale <-> RGB, as the client's preprocessing does
+        if channels == 1:
+            images = images.float().mean(1, keepdim=True).round().to(images.dtype)
+        else:
+            images = images.expand(-1, channels, -1, -1)
+    if tuple(images.shape[-2:]) != tuple(size):
+        images = resize_images(images, tuple(size))
+    labels = data.labels.numpy() if data.labels is not None else None
+    return images.to("cpu").numpy().astype(np.uint8), labels
+
+
+class _TorchRunner:
+    """Both heads of a trained model.pth, in PyTorch."""
+
+    def __init__(self, path: Path):
+        import torch
+
+        from cdc_serve_training.checkpoint import load_model
+
+        self.model, self.info = load_model(path)
+        self.model.eval()
+        pre = self.info["preprocess"]
+        self.channels, self.input_size = int(pre["channels"]), tuple(pre["input_size"])
+        self.mean = torch.tensor(pre["mean"]).view(1, -1, 1, 1)
+        self.std = torch.tensor(pre["std"]).view(1, -1, 1, 1)
+        self.ood_params = self.info.get("ood") or {}
+
+    def run(self, images: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
+        import torch
+
+        parts: dict[str, list] = {"clu": [], "cal": [], "embedding": []}
+        with torch.no_grad():
+            for start in range(0, len(images), batch_size):
+                x = torch.from_numpy(images[start : start + batch_size]).float() / 255.0
+                features, clu_logits, cal_logits = self.model((x - self.mean) / self.std)
+                parts["clu"].append(clu_logits.softmax(1).numpy())
+                parts["cal"].append(cal_logits.softmax(1).numpy())
+                parts["embedding"].append(features.numpy())
+        return {k: np.concatenate(v).astype(np.float32) for k, v in parts.items()}
+
+
+class _OnnxRunner:
+    """The exported calibration head, through onnxruntime (no torch)."""
+
+    def __init__(self, path: Path):
+        from cdc_serve.client import Client
+
+        self.client = Client(model=path)
+        meta = self.client.meta
+        self.channels, self.input_size = meta.channels, tuple(meta.input_size)
+        self.ood_params = meta.ood
+
+    def run(self, images: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
+        from cdc_serve.preprocess import normalise
+
+        probs, embedding = [], []
+        for start in range(0, len(images), batch_size):
+            result = self.client.predict_arrays(
+                normalise(images[start : start + batch_size], self.client.meta)
+            )
+            probs.append(result["probs"])
+            embedding.append(result["embedding"])
+        return {"cal": np.concatenate(probs), "embedding": np.concatenate(embedding)}

@@ -1,0 +1,213 @@
+"""The exported model's metadata (``cdc_meta.json``): what a client needs to use a model.
+
+An exported model is ``model.onnx`` plus ``cdc_meta.json`` beside it. The metadata
+says how to preprocess an image (channels, input size, mean, std), what the graph's
+tensors are called, how many clusters there are, and the OOD parameters fitted at
+export time (see :mod:`cdc_serve.ood`), so a client never has to know how the model
+was trained.
+
+Layout of an exported repository (``docs/ARCHITECTURE.md``)::
+
+    <repo>/<name>/config.pbtxt
+    <repo>/<name>/<version>/model.onnx
+    <repo>/<name>/<version>/cdc_meta.json
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from cdc_serve import CDCError, __version__
+
+FORMAT = "cdc-serve/export"
+FORMAT_VERSION = 1
+META_FILE = "cdc_meta.json"
+ONNX_FILE = "model.onnx"
+METHODS = ("cdc", "ruc")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class ModelMeta:
+    """Everything about an exported model that a client or server needs.
+
+    ``ood`` is the output of :func:`cdc_serve.ood.fit_ood` (may be empty: then only
+    scores needing no fitted parameters are available and no image is flagged).
+    """
+
+    name: str
+    num_classes: int
+    channels: int
+    input_size: tuple[int, int]
+    mean: list[float]
+    std: list[float]
+    embedding_dim: int
+    version: int = 1
+    method: str = "cdc"
+    input_name: str = "input"
+    outputs: tuple[str, str] = ("probs", "embedding")
+    ood: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    dataset: str = ""
+    created: str = field(default_factory=_now)
+    project_version: str = __version__
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        self.input_size = tuple(int(v) for v in self.input_size)  # type: ignore[assignment]
+        self.outputs = tuple(str(v) for v in self.outputs)  # type: ignore[assignment]
+        self.mean = [float(v) for v in self.mean]
+        self.std = [float(v) for v in self.std]
+        self.validate()
+
+    # -- validation ---------------------------------------------------------------
+
+    def validate(self) -> None:
+        """Raise CDCError naming the first field that is wrong."""
+        if self.format != FORMAT:
+            raise CDCError(f"model metadata: format is {self.format!r}, expected {FORMAT!r}")
+        if not isinstance(self.format_version, int) or self.format_version < 1:
+            raise CDCError(f"model metadata: bad format_version {self.format_version!r}")
+        if self.format_version > FORMAT_VERSION:
+            raise CDCError(
+                f"model metadata: format_version {self.format_version} is newer than this "
+                f"cdc-serve understands ({FORMAT_VERSION}); upgrade cdc-serve"
+            )
+        if self.method not in METHODS:
+            raise CDCError(f"model metadata: method must be one of {METHODS}, got {self.method!r}")
+        for key in ("num_classes", "channels", "embedding_dim", "version"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise CDCError(f"model metadata: {key} must be a positive integer, got {value!r}")
+        if self.num_classes < 2:
+            raise CDCError(f"model metadata: num_classes must be >= 2, got {self.num_classes}")
+        if self.channels not in (1, 3):
+            raise CDCError(f"model metadata: channels must be 1 or 3, got {self.channels}")
+        if len(self.input_size) != 2 or min(self.input_size) < 1:
+            raise CDCError(f"model metadata: input_size must be [H, W], got {self.input_size}")
+        for key in ("mean", "std"):
+            values = getattr(self, key)
+            if len(values) != self.channels or not all(math.isfinite(v) for v in values):
+                raise CDCError(
+                    f"model metadata: {key} must be {self.channels} finite numbers, got {values}"
+                )
+        if min(self.std) <= 0:
+            raise CDCError(f"model metadata: std must be positive, got {self.std}")
+        if len(self.outputs) != 2:
+            raise CDCError(f"model metadata: outputs must be (probs, embedding), got {self.outputs}")
+        if not isinstance(self.ood, dict) or not isinstance(self.metrics, dict):
+            raise CDCError("model metadata: ood and metrics must be JSON objects")
+
+    # -- (de)serialisation ----------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["input_size"] = list(self.input_size)
+        data["outputs"] = list(self.outputs)
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "model metadata") -> ModelMeta:
+        if not isinstance(data, dict):
+            raise CDCError(f"{source}: expected a JSON object")
+        if data.get("format") != FORMAT:
+            raise CDCError(f"{source}: not a cdc-serve export (format {data.get('format')!r})")
+        known = {f.name for f in fields(cls)}
+        required = {
+            "name",
+            "num_classes",
+            "channels",
+            "input_size",
+            "mean",
+            "std",
+            "embedding_dim",
+            "format_version",
+        }
+        missing = sorted(required - data.keys())
+        if missing:
+            raise CDCError(f"{source}: missing field(s) {', '.join(missing)}")
+        if isinstance(data["format_version"], int) and data["format_version"] > FORMAT_VERSION:
+            raise CDCError(
+                f"{source}: format_version {data['format_version']} is newer than this "
+                f"cdc-serve understands ({FORMAT_VERSION}); upgrade cdc-serve"
+            )
+        try:
+            meta = cls(**{k: v for k, v in data.items() if k in known})
+        except CDCError as exc:
+            raise CDCError(f"{source}: {str(exc).removeprefix('model metadata: ')}") from None
+        except (TypeError, ValueError) as exc:
+            raise CDCError(f"{source}: invalid field ({exc})") from None
+        return meta
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "model metadata") -> ModelMeta:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise CDCError(f"{source}: not valid JSON ({exc})") from None
+        return cls.from_dict(data, source)
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> ModelMeta:
+        path = Path(path)
+        if not path.is_file():
+            raise CDCError(f"{path}: model metadata file not found")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CDCError(f"{path}: cannot read model metadata ({exc})") from None
+        return cls.from_json(text, source=str(path))
+
+    def write(self, path: str | os.PathLike) -> Path:
+        """Write atomically (temporary file then rename)."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(self.to_json() + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+        return path
+
+
+def _versions(model_dir: Path) -> list[int]:
+    return sorted(
+        int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and (p / ONNX_FILE).is_file()
+    )
+
+
+def find_model(path: str | os.PathLike) -> tuple[Path, ModelMeta]:
+    """Locate ``(model.onnx, metadata)`` from a user-given path.
+
+    ``path`` may be a repository model folder (``repo/name``: the latest numeric
+    version with a ``model.onnx`` is used), a version folder (``repo/name/3``) or a
+    ``.onnx`` file (its metadata is the ``cdc_meta.json`` beside it).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CDCError(f"{path}: model not found (give repo/<name>, a version folder or a .onnx file)")
+    if path.is_file():
+        if path.suffix != ".onnx":
+            raise CDCError(f"{path}: not an ONNX model (expected a .onnx file or a model folder)")
+        onnx_path = path
+    elif (path / ONNX_FILE).is_file():
+        onnx_path = path / ONNX_FILE
+    else:
+        versions = _versions(path)
+        if not versions:
+            raise CDCError(f"{path}: no model found (no {ONNX_FILE} here nor in a numeric version folder)")
+        onnx_path = path / str(versions[-1]) / ONNX_FILE
+    meta_path = onnx_path.with_name(META_FILE)
+    if not meta_path.is_file():
+        raise CDCError(f"{onnx_path}: no {META_FILE} beside the model (export it with `cdc-serve export`)")
+    return onnx_path, ModelMeta.read(meta_path)

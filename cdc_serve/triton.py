@@ -1,0 +1,479 @@
+"""Triton model repository layout and ``config.pbtxt`` generation.
+
+A Triton model repository holds one folder per model, a ``config.pbtxt`` describing
+how to serve it and one numbered folder per version::
+
+    <repo>/<name>/config.pbtxt
+    <repo>/<name>/<version>/model.onnx      (model.plan for the tensorrt backend)
+    <repo>/<name>/<version>/cdc_meta.json   (the exported model's metadata)
+    <repo>/<name>/<version>/model.py        (python backend only; runs model.onnx)
+
+Three serving variants share that layout:
+
+- ``onnxruntime``: ``platform: "onnxruntime_onnx"``, for NVIDIA's Triton containers,
+  optionally with the TensorRT execution accelerator;
+- ``tensorrt``: ``platform: "tensorrt_plan"`` with a TensorRT engine (GPU only);
+- ``python``: ``backend: "python"`` with :mod:`cdc_serve.triton_python_model` as
+  ``model.py``, for the ``tritonserver`` that ``pip install nvidia-pytriton`` ships
+  (it has the Python backend only).
+
+The model contract (``docs/ARCHITECTURE.md``): input ``input`` float32 ``[N, C, H, W]``,
+outputs ``probs`` float32 ``[N, num_classes]`` and ``embedding`` float32 ``[N, D]``.
+A new version never replaces an existing one: it is written to a hidden folder first
+and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from cdc_serve import CDCError
+
+BACKENDS = ("onnxruntime", "python", "tensorrt")
+INSTANCE_KINDS = ("auto", "KIND_CPU", "KIND_GPU")
+META_FILE = "cdc_meta.json"
+CONFIG_FILE = "config.pbtxt"
+INPUT_NAME = "input"
+OUTPUT_NAMES = ("probs", "embedding")
+
+# The file each backend loads from a version folder (Triton's default file names).
+MODEL_FILES = {"onnxruntime": "model.onnx", "python": "model.onnx", "tensorrt": "model.plan"}
+PYTHON_MODEL_SOURCE = Path(__file__).with_name("triton_python_model.py")
+
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+
+
+# ----------------------------------------------------------------------------- versions
+
+
+def next_version(model_dir: Path) -> int:
+    """The version number a new export gets: the largest numeric sub-folder + 1 (1 if none)."""
+    return max(_numeric_versions(Path(model_dir)), default=0) + 1
+
+
+def latest_version_dir(model_dir: Path) -> Path:
+    """The highest numbered version folder of ``model_dir`` (the one Triton serves by default)."""
+    model_dir = Path(model_dir)
+    versions = _numeric_versions(model_dir)
+    if not versions:
+        raise CDCError(f"{model_dir} holds no numbered version folder (expected {model_dir}/1/...)")
+    return model_dir / str(max(versions))
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """Read ``cdc_meta.json`` from a version folder, a model folder (its latest version) or the file."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / META_FILE).exists() and _numeric_versions(path):
+            path = latest_version_dir(path)
+        path = path / META_FILE
+    if not path.is_file():
+        raise CDCError(f"no model metadata: {path} does not exist")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CDCError(f"cannot read model metadata {path}: {exc}") from None
+    if not isinstance(meta, dict):
+        raise CDCError(f"model metadata {path} is not a JSON object")
+    return meta
+
+
+def list_models(repo: Path) -> list[str]:
+    """Names of the models in a repository: the sub-folders that hold a ``config.pbtxt``."""
+    repo = Path(repo)
+    if not repo.is_dir():
+        return []
+    return sorted(p.name for p in repo.iterdir() if p.is_dir() and (p / CONFIG_FILE).is_file())
+
+
+def _numeric_versions(model_dir: Path) -> list[int]:
+    if not model_dir.is_dir():
+        return []
+    return [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
+
+
+# ----------------------------------------------------------------------------- config.pbtxt
+
+
+def gpu_visible() -> bool:
+    """True when a CUDA GPU is visible to processes started from here.
+
+    ``CUDA_VISIBLE_DEVICES`` set to an empty string or ``-1`` hides every GPU; otherwise
+    ``nvidia-smi -L`` must list at least one.
+    """
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1", "none", "NoDevFiles"):
+        return False
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return False
+    try:
+        done = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0 and "GPU" in done.stdout
+
+
+def resolve_instance_kind(instance_kind: str, backend: str) -> str:
+    """Turn ``"auto"`` into ``KIND_GPU`` / ``KIND_CPU`` and check the kind suits the backend."""
+    if instance_kind not in INSTANCE_KINDS:
+        raise CDCError(f"instance kind must be one of {', '.join(INSTANCE_KINDS)}, not {instance_kind!r}")
+    if backend == "tensorrt":
+        if instance_kind == "KIND_CPU":
+            raise CDCError("a TensorRT plan runs on a GPU only: use KIND_GPU (or auto)")
+        return "KIND_GPU"
+    if instance_kind == "auto":
+        return "KIND_GPU" if gpu_visible() else "KIND_CPU"
+    return instance_kind
+
+
+def pbtxt_string(value: str) -> str:
+    """``value`` as a protobuf text-format string literal (quotes, backslashes, control chars escaped)."""
+    out = []
+    for ch in str(value):
+        if ch in ('"', "\\"):
+            out.append("\\" + ch)
+        elif ch == "\n":
+            out.append("\\n")
+        elif ch == "\t":
+            out.append("\\t")
+        elif ch == "\r":
+            out.append("\\r")
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\{ord(ch):03o}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
+def config_pbtxt(
+    name: str,
+    backend: str,
+    num_classes: int,
+    input_chw: tuple[int, int, int],
+    embedding_dim: int,
+    max_batch: int,
+    instance_kind: str = "auto",
+    instance_count: int = 1,
+    trt_accelerator: bool = False,
+    fp16: bool = False,
+    parameters: dict[str, str] | None = None,
+    preferred_batch_sizes: list[int] | None = None,
+    max_queue_delay_us: int = 100,
+) -> str:
+    """The text of a Triton ``config.pbtxt`` for the cdc-serve model contract.
+
+    ``backend`` picks ``platform: "onnxruntime_onnx"``, ``backend: "python"`` or
+    ``platform: "tensorrt_plan"``. The batch axis is dynamic up to ``max_batch`` and
+    requests are merged by the dynamic batcher (waiting at most ``max_queue_delay_us``).
+    ``trt_accelerator`` (onnxruntime only) asks ONNX Runtime to run the graph through
+    TensorRT on GPU instances, in FP16 when ``fp16``. ``parameters`` are written as
+    string parameters (the python backend's ``model.py`` and clients can read them).
+    """
+    if backend not in BACKENDS:
+        raise CDCError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    _check_model_name(name)
+    for label, value in (
+        ("num_classes", num_classes),
+        ("embedding_dim", embedding_dim),
+        ("max_batch", max_batch),
+        ("instance_count", instance_count),
+    ):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise CDCError(f"{label} must be a positive integer, not {value!r}")
+    chw = tuple(input_chw)
+    if len(chw) != 3 or not all(isinstance(d, int) and d >= 1 for d in chw):
+        raise CDCError(f"input_chw must be three positive integers (C, H, W), not {input_chw!r}")
+    if not isinstance(max_queue_delay_us, int) or max_queue_delay_us < 0:
+        raise CDCError(f"max_queue_delay_us must be a non-negative integer, not {max_queue_delay_us!r}")
+    if trt_accelerator and backend != "onnxruntime":
+        raise CDCError("the TensorRT execution accelerator is an option of the onnxruntime backend only")
+    if fp16 and backend == "python":
+        raise CDCError("fp16 applies to TensorRT (the tensorrt backend or --trt-accelerator), not to the python backend")
+    if fp16 and backend == "onnxruntime" and not trt_accelerator:
+        raise CDCError("fp16 with the onnxruntime backend needs the TensorRT accelerator (trt_accelerator=True)")
+    kind = resolve_instance_kind(instance_kind, backend)
+    preferred = sorted(set(preferred_batch_sizes or []))
+    bad = [b for b in preferred if not isinstance(b, int) or not 1 <= b <= max_batch]
+    if bad:
+        raise CDCError(f"preferred batch sizes must lie in 1..{max_batch}, got {bad}")
+
+    lines = [f"name: {pbtxt_string(name)}"]
+    if backend == "onnxruntime":
+        lines.append('platform: "onnxruntime_onnx"')
+    elif backend == "tensorrt":
+        lines.append('platform: "tensorrt_plan"')
+    else:
+        lines.append('backend: "python"')
+    lines += [
+        f"max_batch_size: {max_batch}",
+        "input [",
+        "  {",
+        f'    name: "{INPUT_NAME}"',
+        "    data_type: TYPE_FP32",
+        f"    dims: [ {chw[0]}, {chw[1]}, {chw[2]} ]",
+        "  }",
+        "]",
+        "output [",
+        "  {",
+        '    name: "probs"',
+        "    data_type: TYPE_FP32",
+        f"    dims: [ {num_classes} ]",
+        "  },",
+        "  {",
+        '    name: "embedding"',
+        "    data_type: TYPE_FP32",
+        f"    dims: [ {embedding_dim} ]",
+        "  }",
+        "]",
+        "dynamic_batching {",
+    ]
+    if preferred:
+        lines.append(f"  preferred_batch_size: [ {', '.join(str(b) for b in preferred)} ]")
+    lines += [
+        f"  max_queue_delay_microseconds: {max_queue_delay_us}",
+        "}",
+        "instance_group [",
+        "  {",
+        f"    count: {instance_count}",
+        f"    kind: {kind}",
+        "  }",
+        "]",
+    ]
+    if trt_accelerator:
+        lines += [
+            "optimization {",
+            "  execution_accelerators {",
+            "    gpu_execution_accelerator : [",
+            "      {",
+            '        name : "tensorrt"',
+            '        parameters { key: "precision_mode" value: '
+            + ('"FP16" }' if fp16 else '"FP32" }'),
+            '        parameters { key: "max_workspace_size_bytes" value: "1073741824" }',
+            "      }",
+            "    ]",
+            "  }",
+            "}",
+        ]
+    for key, value in sorted((parameters or {}).items()):
+        lines.append(
+            f"parameters {{ key: {pbtxt_string(key)} value: {{ string_value: {pbtxt_string(value)} }} }}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def parse_config(text: str):
+    """Parse ``config.pbtxt`` text into Triton's ``ModelConfig`` protobuf (a real syntax check)."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    try:
+        return text_format.Parse(text, model_config_pb2.ModelConfig())
+    except text_format.ParseError as exc:
+        raise CDCError(f"invalid config.pbtxt: {exc}") from None
+
+
+def read_config(model_dir: Path):
+    """The parsed ``config.pbtxt`` of a model folder (a ``ModelConfig`` protobuf)."""
+    path = Path(model_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise CDCError(f"{path} does not exist")
+    return parse_config(path.read_text(encoding="utf-8"))
+
+
+def meta_parameters(meta: dict[str, Any], max_len: int = 2048) -> dict[str, str]:
+    """The metadata as Triton string parameters: scalars as text, small lists/dicts as JSON.
+
+    Values whose text is longer than ``max_len`` are left out (they stay in ``cdc_meta.json``).
+    """
+    params = {"cdc_meta_file": META_FILE}
+    for key, value in meta.items():
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, (int, float, str)):
+            text = str(value)
+        elif value is None:
+            continue
+        else:
+            text = json.dumps(value, separators=(",", ":"), sort_keys=True)
+        if len(text) <= max_len:
+            params[str(key)] = text
+    return params
+
+
+# ----------------------------------------------------------------------------- repository
+
+
+def add_model_version(
+    repo: Path,
+    name: str,
+    model_file: Path,
+    meta: dict[str, Any],
+    backend: str,
+    max_batch: int,
+    **config_kwargs: Any,
+) -> Path:
+    """Add ``model_file`` as a new version of model ``name`` in repository ``repo``.
+
+    Writes ``<repo>/<name>/<v>/model.onnx`` (``model.plan`` for tensorrt), ``cdc_meta.json``
+    and, for the python backend, ``model.py``; then (re)writes ``<repo>/<name>/config.pbtxt``.
+    ``v`` is :func:`next_version`; an existing version folder is never touched (the new
+    one is assembled in a hidden folder and renamed into place).
+
+    ``config_kwargs`` go to :func:`config_pbtxt`. ``num_classes``, ``input_chw`` and
+    ``embedding_dim`` are read from the ONNX graph when not given (and checked against
+    it when given); a TensorRT plan needs them given. ``parameters`` default to
+    :func:`meta_parameters` of ``meta``. Returns the new version folder.
+    """
+    if backend not in BACKENDS:
+        raise CDCError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    _check_model_name(name)
+    model_file = Path(model_file)
+    if not model_file.is_file():
+        raise CDCError(f"model file {model_file} does not exist")
+    if not isinstance(meta, dict):
+        raise CDCError(f"meta must be a dict, not {type(meta).__name__}")
+    try:
+        meta_text = json.dumps(meta, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    except (TypeError, ValueError) as exc:
+        raise CDCError(f"model metadata is not plain JSON: {exc}") from None
+
+    shapes = _model_shapes(model_file, backend, config_kwargs)
+    config_kwargs = {**config_kwargs, **shapes}
+    config_kwargs.setdefault("parameters", meta_parameters(meta))
+    config_text = config_pbtxt(name, backend, max_batch=max_batch, **config_kwargs)
+    parse_config(config_text)  # never write a config Triton could not read
+
+    model_dir = Path(repo) / name
+    _check_same_backend(model_dir, backend)
+    model_dir.mkdir(parents=True, exist_ok=True)
+
+    staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=model_dir))
+    try:
+        shutil.copyfile(model_file, staging / MODEL_FILES[backend])
+        (staging / META_FILE).write_text(meta_text, encoding="utf-8")
+        if backend == "python":
+            shutil.copyfile(PYTHON_MODEL_SOURCE, staging / "model.py")
+        os.chmod(staging, 0o755)
+        version_dir = _rename_to_next_version(staging, model_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _write_atomically(model_dir / CONFIG_FILE, config_text)
+    return version_dir
+
+
+def _rename_to_next_version(staging: Path, model_dir: Path) -> Path:
+    """Rename ``staging`` to the next free version number (retrying if another export won)."""
+    for _ in range(100):
+        target = model_dir / str(next_version(model_dir))
+        try:
+            os.mkdir(target)  # claim the number; fails if a concurrent export took it
+        except FileExistsError:
+            continue
+        os.rename(staging, target)  # replaces the empty folder we just claimed
+        return target
+    raise CDCError(f"could not find a free version number in {model_dir}")
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _check_model_name(name: str) -> None:
+    if not isinstance(name, str) or not _MODEL_NAME.match(name):
+        raise CDCError(
+            f"model name {name!r} is not a valid folder name: use letters, digits, '_', '-', '.' "
+            "(not starting with '.' or '-')"
+        )
+
+
+def _check_same_backend(model_dir: Path, backend: str) -> None:
+    """Refuse to add e.g. a python-backend version to a model served by onnxruntime."""
+    if not (model_dir / CONFIG_FILE).is_file():
+        return
+    config = read_config(model_dir)
+    existing = {"onnxruntime_onnx": "onnxruntime", "tensorrt_plan": "tensorrt"}.get(
+        config.platform, config.backend
+    )
+    if existing and existing != backend:
+        raise CDCError(
+            f"{model_dir} is served by the {existing} backend; a {backend} version cannot be "
+            "added to it (choose another model name or repository)"
+        )
+
+
+def _model_shapes(model_file: Path, backend: str, given: dict[str, Any]) -> dict[str, Any]:
+    """``num_classes``, ``input_chw`` and ``embedding_dim``: from the ONNX graph, checked against ``given``."""
+    keys = ("num_classes", "input_chw", "embedding_dim")
+    if backend == "tensorrt":
+        missing = [k for k in keys if given.get(k) is None]
+        if missing:
+            raise CDCError(f"a TensorRT plan needs {', '.join(missing)} given explicitly")
+        return {"num_classes": given["num_classes"], "input_chw": tuple(given["input_chw"]),
+                "embedding_dim": given["embedding_dim"]}  # fmt: skip
+    found = onnx_shapes(model_file)
+    for key in keys:
+        want = given.get(key)
+        if want is not None and (tuple(want) if key == "input_chw" else want) != found[key]:
+            raise CDCError(f"{key}={want!r} disagrees with the ONNX model {model_file} ({found[key]!r})")
+    return found
+
+
+def onnx_shapes(model_file: Path) -> dict[str, Any]:
+    """Read ``input_chw``, ``num_classes`` and ``embedding_dim`` from an ONNX model's graph.
+
+    Checks the cdc-serve contract: one float32 input ``input`` of rank 4 and float32 outputs
+    ``probs`` and ``embedding`` of rank 2, every axis but the batch axis fixed.
+    """
+    import onnx
+
+    try:
+        model = onnx.load(str(model_file), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError, ValueError, ... on a bad file
+        raise CDCError(f"{model_file} is not a readable ONNX model: {exc}") from None
+
+    def dims(value_info) -> tuple[str, list[int | None]]:
+        tensor = value_info.type.tensor_type
+        elem = onnx.TensorProto.DataType.Name(tensor.elem_type)
+        shape = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
+        return elem, shape
+
+    inputs = {i.name: dims(i) for i in model.graph.input}
+    outputs = {o.name: dims(o) for o in model.graph.output}
+    problems = []
+    if INPUT_NAME not in inputs:
+        problems.append(f"no input named {INPUT_NAME!r} (inputs: {sorted(inputs)})")
+    for out in OUTPUT_NAMES:
+        if out not in outputs:
+            problems.append(f"no output named {out!r} (outputs: {sorted(outputs)})")
+    if problems:
+        raise CDCError(f"{model_file} does not follow the model contract: " + "; ".join(problems))
+    expect = {INPUT_NAME: (inputs[INPUT_NAME], 4), **{o: (outputs[o], 2) for o in OUTPUT_NAMES}}
+    for tensor_name, ((elem, shape), rank) in expect.items():
+        if elem != "FLOAT" or len(shape) != rank or any(d is None or d < 1 for d in shape[1:]):
+            raise CDCError(
+                f"{model_file}: {tensor_name!r} must be float32 of rank {rank} with fixed non-batch "
+                f"axes, found {elem} {shape}"
+            )
+    _, in_shape = inputs[INPUT_NAME]
+    return {
+        "num_classes": outputs["probs"][1][1],
+        "input_chw": tuple(in_shape[1:]),
+        "embedding_dim": outputs["embedding"][1][1],
+    }
