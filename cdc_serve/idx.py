@@ -142,3 +142,50 @@ def read_idx_rows(path: str | os.PathLike, start: int, stop: int) -> np.ndarray:
         raise CDCError(f"{path}: IDX file truncated: rows {start}:{stop} of {n} are missing")
     array = np.frombuffer(data, dtype=dtype).reshape((stop - start, *shape[1:]))
     return array.astype(dtype.newbyteorder("="), copy=False)
+
+
+def check_idx(path: str | os.PathLike, chunk: int = 1 << 22) -> tuple[np.dtype, tuple[int, ...]]:
+    """Validate header and data length (streaming, bounded memory); return ``(dtype, shape)``."""
+    path = Path(path)
+    if not path.is_file():
+        raise CDCError(f"{path}: no such IDX file")
+    dtype, shape, header = read_header(path)
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if path.name.endswith(".gz"):
+        found = 0
+        try:
+            with gzip.open(path, "rb") as f:
+                f.read(header)
+                while block := f.read(chunk):
+                    found += len(block)
+                    if found > expected:
+                        break
+        except (OSError, EOFError, zlib.error) as exc:
+            raise CDCError(f"{path}: cannot read IDX file ({exc})") from None
+    else:
+        found = path.stat().st_size - header
+    if found != expected:
+        what = "truncated" if found < expected else "has trailing bytes"
+        raise CDCError(
+            f"{path}: IDX file {what}: header says {shape} of {dtype.name} ({expected} data bytes)"
+        )
+    return dtype.newbyteorder("="), shape
+
+
+def iter_idx_blocks(path: str | os.PathLike, block: int = 1024):
+    """Yield ``(start, rows)`` blocks of the first dimension, reading the file once, in order."""
+    path = Path(path)
+    dtype, shape, header = read_header(path)
+    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+    try:
+        with _open(path, "rb") as f:
+            f.read(header)
+            for start in range(0, shape[0], block):
+                count = min(block, shape[0] - start)
+                data = f.read(count * row_bytes)
+                if len(data) != count * row_bytes:
+                    raise CDCError(f"{path}: IDX file truncated at row {start}")
+                rows = np.frombuffer(data, dtype=dtype).reshape((count, *shape[1:]))
+                yield start, rows.astype(dtype.newbyteorder("="), copy=False)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise CDCError(f"{path}: cannot read IDX file ({exc})") from None

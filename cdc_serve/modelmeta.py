@@ -51,7 +51,7 @@ class ModelMeta:
     mean: list[float]
     std: list[float]
     embedding_dim: int
-    version: int = 1
+    version: int = 0
     method: str = "cdc"
     input_name: str = "input"
     outputs: tuple[str, str] = ("probs", "embedding")
@@ -87,8 +87,9 @@ class ModelMeta:
             raise CDCError(f"model metadata: method must be one of {METHODS}, got {self.method!r}")
         for key in ("num_classes", "channels", "embedding_dim", "version"):
             value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise CDCError(f"model metadata: {key} must be a positive integer, got {value!r}")
+            low = 0 if key == "version" else 1  # version 0: not yet placed in a repository
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise CDCError(f"model metadata: {key} must be an integer >= {low}, got {value!r}")
         if self.num_classes < 2:
             raise CDCError(f"model metadata: num_classes must be >= 2, got {self.num_classes}")
         if self.channels not in (1, 3):
@@ -104,7 +105,9 @@ class ModelMeta:
         if min(self.std) <= 0:
             raise CDCError(f"model metadata: std must be positive, got {self.std}")
         if len(self.outputs) != 2:
-            raise CDCError(f"model metadata: outputs must be (probs, embedding), got {self.outputs}")
+            raise CDCError(
+                f"model metadata: outputs must be (probs, embedding), got {self.outputs}"
+            )
         if not isinstance(self.ood, dict) or not isinstance(self.metrics, dict):
             raise CDCError("model metadata: ood and metrics must be JSON objects")
 
@@ -182,7 +185,9 @@ class ModelMeta:
 
 def _versions(model_dir: Path) -> list[int]:
     return sorted(
-        int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and (p / ONNX_FILE).is_file()
+        int(p.name)
+        for p in model_dir.iterdir()
+        if p.is_dir() and p.name.isdigit() and (p / ONNX_FILE).is_file()
     )
 
 
@@ -195,7 +200,9 @@ def find_model(path: str | os.PathLike) -> tuple[Path, ModelMeta]:
     """
     path = Path(path)
     if not path.exists():
-        raise CDCError(f"{path}: model not found (give repo/<name>, a version folder or a .onnx file)")
+        raise CDCError(
+            f"{path}: model not found (give repo/<name>, a version folder or a .onnx file)"
+        )
     if path.is_file():
         if path.suffix != ".onnx":
             raise CDCError(f"{path}: not an ONNX model (expected a .onnx file or a model folder)")
@@ -205,9 +212,16 @@ def find_model(path: str | os.PathLike) -> tuple[Path, ModelMeta]:
     else:
         versions = _versions(path)
         if not versions:
-            raise CDCError(f"{path}: no model found (no {ONNX_FILE} here nor in a numeric version folder)")
+            raise CDCError(
+                f"{path}: no model found (no {ONNX_FILE} here nor in a numeric version folder)"
+            )
         onnx_path = path / str(versions[-1]) / ONNX_FILE
     meta_path = onnx_path.with_name(META_FILE)
     if not meta_path.is_file():
-        raise CDCError(f"{onnx_path}: no {META_FILE} beside the model (export it with `cdc-serve export`)")
-    return onnx_path, ModelMeta.read(meta_path)
+        raise CDCError(
+            f"{onnx_path}: no {META_FILE} beside the model (export it with `cdc-serve export`)"
+        )
+    meta = ModelMeta.read(meta_path)
+    if onnx_path.parent.name.isdigit():
+        meta.version = int(onnx_path.parent.name)  # the repository folder is authoritative
+    return onnx_path, meta

@@ -110,9 +110,7 @@ def knn_score(embedding: np.ndarray, bank: np.ndarray, k: int, chunk: int = 4096
 # -- fitting ---------------------------------------------------------------------------
 
 
-def _fit_prototypes(
-    z: np.ndarray, labels: np.ndarray, per_cluster: int, seed: int
-) -> np.ndarray:
+def _fit_prototypes(z: np.ndarray, labels: np.ndarray, per_cluster: int, seed: int) -> np.ndarray:
     from sklearn.cluster import KMeans
 
     protos = []

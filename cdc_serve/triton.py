@@ -25,6 +25,7 @@ and renamed into place.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -124,7 +125,9 @@ def gpu_visible() -> bool:
 def resolve_instance_kind(instance_kind: str, backend: str) -> str:
     """Turn ``"auto"`` into ``KIND_GPU`` / ``KIND_CPU`` and check the kind suits the backend."""
     if instance_kind not in INSTANCE_KINDS:
-        raise CDCError(f"instance kind must be one of {', '.join(INSTANCE_KINDS)}, not {instance_kind!r}")
+        raise CDCError(
+            f"instance kind must be one of {', '.join(INSTANCE_KINDS)}, not {instance_kind!r}"
+        )
     if backend == "tensorrt":
         if instance_kind == "KIND_CPU":
             raise CDCError("a TensorRT plan runs on a GPU only: use KIND_GPU (or auto)")
@@ -192,13 +195,21 @@ def config_pbtxt(
     if len(chw) != 3 or not all(isinstance(d, int) and d >= 1 for d in chw):
         raise CDCError(f"input_chw must be three positive integers (C, H, W), not {input_chw!r}")
     if not isinstance(max_queue_delay_us, int) or max_queue_delay_us < 0:
-        raise CDCError(f"max_queue_delay_us must be a non-negative integer, not {max_queue_delay_us!r}")
+        raise CDCError(
+            f"max_queue_delay_us must be a non-negative integer, not {max_queue_delay_us!r}"
+        )
     if trt_accelerator and backend != "onnxruntime":
-        raise CDCError("the TensorRT execution accelerator is an option of the onnxruntime backend only")
+        raise CDCError(
+            "the TensorRT execution accelerator is an option of the onnxruntime backend only"
+        )
     if fp16 and backend == "python":
-        raise CDCError("fp16 applies to TensorRT (the tensorrt backend or --trt-accelerator), not to the python backend")
+        raise CDCError(
+            "fp16 applies to TensorRT (the tensorrt backend or --trt-accelerator), not to the python backend"
+        )
     if fp16 and backend == "onnxruntime" and not trt_accelerator:
-        raise CDCError("fp16 with the onnxruntime backend needs the TensorRT accelerator (trt_accelerator=True)")
+        raise CDCError(
+            "fp16 with the onnxruntime backend needs the TensorRT accelerator (trt_accelerator=True)"
+        )
     kind = resolve_instance_kind(instance_kind, backend)
     preferred = sorted(set(preferred_batch_sizes or []))
     bad = [b for b in preferred if not isinstance(b, int) or not 1 <= b <= max_batch]
@@ -323,13 +334,15 @@ def add_model_version(
     """Add ``model_file`` as a new version of model ``name`` in repository ``repo``.
 
     Writes ``<repo>/<name>/<v>/model.onnx`` (``model.plan`` for tensorrt), ``cdc_meta.json``
-    and, for the python backend, ``model.py``; then (re)writes ``<repo>/<name>/config.pbtxt``.
-    ``v`` is :func:`next_version`; an existing version folder is never touched (the new
-    one is assembled in a hidden folder and renamed into place).
+    (``meta`` with ``"version": v``) and, for the python backend, ``model.py``; then
+    (re)writes ``<repo>/<name>/config.pbtxt``. ``v`` is :func:`next_version`; an existing
+    version folder is never touched (the new one is assembled in a hidden folder and
+    renamed into place).
 
     ``config_kwargs`` go to :func:`config_pbtxt`. ``num_classes``, ``input_chw`` and
-    ``embedding_dim`` are read from the ONNX graph when not given (and checked against
-    it when given); a TensorRT plan needs them given. ``parameters`` default to
+    ``embedding_dim`` come from ``config_kwargs``, else from ``meta`` (its ``num_classes``,
+    ``embedding_dim``, ``channels`` and ``input_size``); for an ONNX file they are read from
+    the graph and every value given must agree with it. ``parameters`` default to
     :func:`meta_parameters` of ``meta``. Returns the new version folder.
     """
     if backend not in BACKENDS:
@@ -340,45 +353,60 @@ def add_model_version(
         raise CDCError(f"model file {model_file} does not exist")
     if not isinstance(meta, dict):
         raise CDCError(f"meta must be a dict, not {type(meta).__name__}")
-    try:
-        meta_text = json.dumps(meta, indent=2, sort_keys=True, allow_nan=False) + "\n"
-    except (TypeError, ValueError) as exc:
-        raise CDCError(f"model metadata is not plain JSON: {exc}") from None
-
-    shapes = _model_shapes(model_file, backend, config_kwargs)
-    config_kwargs = {**config_kwargs, **shapes}
-    config_kwargs.setdefault("parameters", meta_parameters(meta))
-    config_text = config_pbtxt(name, backend, max_batch=max_batch, **config_kwargs)
-    parse_config(config_text)  # never write a config Triton could not read
+    meta = dict(meta)
+    _meta_json(meta)  # fail early on values JSON cannot hold
 
     model_dir = Path(repo) / name
+    shapes = _model_shapes(model_file, backend, config_kwargs, meta)
+    config_kwargs = {**config_kwargs, **shapes}
+    explicit_parameters = config_kwargs.pop("parameters", None)
+
+    def render_config(version: int) -> str:
+        parameters = explicit_parameters
+        if parameters is None:
+            parameters = meta_parameters({**meta, "version": version})
+        return config_pbtxt(
+            name, backend, max_batch=max_batch, parameters=parameters, **config_kwargs
+        )
+
+    parse_config(render_config(next_version(model_dir)))  # check before writing anything
     _check_same_backend(model_dir, backend)
     model_dir.mkdir(parents=True, exist_ok=True)
 
+    version_dir = _claim_next_version(model_dir)
     staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=model_dir))
     try:
+        meta["version"] = int(version_dir.name)
         shutil.copyfile(model_file, staging / MODEL_FILES[backend])
-        (staging / META_FILE).write_text(meta_text, encoding="utf-8")
+        (staging / META_FILE).write_text(_meta_json(meta), encoding="utf-8")
         if backend == "python":
             shutil.copyfile(PYTHON_MODEL_SOURCE, staging / "model.py")
         os.chmod(staging, 0o755)
-        version_dir = _rename_to_next_version(staging, model_dir)
+        os.rename(staging, version_dir)  # replaces the empty folder we claimed, atomically
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            version_dir.rmdir()  # only if still empty
         raise
-    _write_atomically(model_dir / CONFIG_FILE, config_text)
+    _write_atomically(model_dir / CONFIG_FILE, render_config(int(version_dir.name)))
     return version_dir
 
 
-def _rename_to_next_version(staging: Path, model_dir: Path) -> Path:
-    """Rename ``staging`` to the next free version number (retrying if another export won)."""
-    for _ in range(100):
+def _meta_json(meta: dict[str, Any]) -> str:
+    try:
+        return json.dumps(meta, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    except (TypeError, ValueError) as exc:
+        raise CDCError(f"model metadata is not plain JSON: {exc}") from None
+
+
+def _claim_next_version(model_dir: Path) -> Path:
+    """Create the empty folder of the next free version number (retrying if another export won)."""
+    for _ in range(1000):
         target = model_dir / str(next_version(model_dir))
         try:
-            os.mkdir(target)  # claim the number; fails if a concurrent export took it
+            os.mkdir(target)  # exclusive: fails if a concurrent export took the number
         except FileExistsError:
             continue
-        os.rename(staging, target)  # replaces the empty folder we just claimed
         return target
     raise CDCError(f"could not find a free version number in {model_dir}")
 
@@ -418,21 +446,53 @@ def _check_same_backend(model_dir: Path, backend: str) -> None:
         )
 
 
-def _model_shapes(model_file: Path, backend: str, given: dict[str, Any]) -> dict[str, Any]:
-    """``num_classes``, ``input_chw`` and ``embedding_dim``: from the ONNX graph, checked against ``given``."""
+def _model_shapes(
+    model_file: Path, backend: str, given: dict[str, Any], meta: dict[str, Any]
+) -> dict[str, Any]:
+    """``num_classes``, ``input_chw``, ``embedding_dim`` from ``given``, ``meta`` and the ONNX graph."""
     keys = ("num_classes", "input_chw", "embedding_dim")
+    sources = []  # (where, values) to check against the graph / against each other
+    explicit = {k: given[k] for k in keys if given.get(k) is not None}
+    if "input_chw" in explicit:
+        explicit["input_chw"] = tuple(explicit["input_chw"])
+    sources.append(("the arguments", explicit))
+    sources.append(("the metadata", _meta_shapes(meta)))
     if backend == "tensorrt":
-        missing = [k for k in keys if given.get(k) is None]
+        found: dict[str, Any] = {}
+        for _, values in reversed(sources):  # explicit arguments win over the metadata
+            found.update(values)
+        missing = [k for k in keys if k not in found]
         if missing:
-            raise CDCError(f"a TensorRT plan needs {', '.join(missing)} given explicitly")
-        return {"num_classes": given["num_classes"], "input_chw": tuple(given["input_chw"]),
-                "embedding_dim": given["embedding_dim"]}  # fmt: skip
+            raise CDCError(
+                f"a TensorRT plan needs {', '.join(missing)} (as arguments or in the metadata)"
+            )
+        return found
     found = onnx_shapes(model_file)
-    for key in keys:
-        want = given.get(key)
-        if want is not None and (tuple(want) if key == "input_chw" else want) != found[key]:
-            raise CDCError(f"{key}={want!r} disagrees with the ONNX model {model_file} ({found[key]!r})")
+    for where, values in sources:
+        for key, value in values.items():
+            if value != found[key]:
+                raise CDCError(
+                    f"{key}={value!r} in {where} disagrees with the ONNX model "
+                    f"{model_file} ({found[key]!r})"
+                )
     return found
+
+
+def _meta_shapes(meta: dict[str, Any]) -> dict[str, Any]:
+    """The shapes the metadata states (``cdc_serve.modelmeta.ModelMeta`` field names)."""
+    out: dict[str, Any] = {}
+    try:
+        for key in ("num_classes", "embedding_dim"):
+            if meta.get(key) is not None:
+                out[key] = int(meta[key])
+        if meta.get("channels") is not None and meta.get("input_size") is not None:
+            h, w = (int(v) for v in meta["input_size"])
+            out["input_chw"] = (int(meta["channels"]), h, w)
+    except (TypeError, ValueError):
+        raise CDCError(
+            "model metadata: num_classes, embedding_dim, channels and input_size must be integers"
+        ) from None
+    return out
 
 
 def onnx_shapes(model_file: Path) -> dict[str, Any]:

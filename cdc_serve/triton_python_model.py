@@ -53,7 +53,6 @@ class TritonPythonModel:
                 f"{model_path} lacks the outputs {missing} (it has {outputs})"
             )
         self.input_name = self.session.get_inputs()[0].name
-        self.max_batch = int(config.get("max_batch_size", 0)) or None
 
     def execute(self, requests: list) -> list:
         batches, errors = [], {}

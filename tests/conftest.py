@@ -1,0 +1,146 @@
+"""Shared pytest fixtures.
+
+Triton helpers (used by tests/test_serve.py and any test that needs a real server):
+
+- ``make_tiny_onnx(path, ...)`` writes a small ONNX model that follows the cdc-serve
+  contract (``input`` -> ``probs``, ``embedding``) without torch: Flatten -> MatMul -> Add
+  gives the embedding, MatMul -> Add -> Softmax the probabilities; weights from a seed.
+- ``make_tiny_repository(repo, ...)`` adds such a model to a Triton repository with
+  :func:`cdc_serve.triton.add_model_version` (python backend by default).
+- fixture ``triton_binary``: the ``tritonserver`` to use; skips only where it cannot
+  exist (not Linux x86-64).
+- fixture ``triton_server``: a factory ``triton_server(repo, **kwargs) -> TritonServer``
+  that starts a real server on free loopback ports and waits until it is ready; every
+  server it started is stopped at the end of the session (stop one earlier with
+  ``server.stop()``, e.g. at the end of a module-scoped fixture).
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+TRITON_PLATFORM_OK = sys.platform.startswith("linux") and platform.machine().lower() in (
+    "x86_64",
+    "amd64",
+)
+TRITON_SKIP_REASON = (
+    f"the tritonserver binary exists only for Linux x86-64 (nvidia-pytriton); "
+    f"this is {sys.platform} {platform.machine()}"
+)
+
+
+def make_tiny_onnx(
+    path: Path,
+    num_classes: int = 5,
+    input_chw: tuple[int, int, int] = (1, 8, 8),
+    embedding_dim: int = 6,
+    seed: int = 0,
+) -> Path:
+    """Write a small contract-following ONNX model (dynamic batch axis) to ``path``."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    c, h, w = input_chw
+    weights = {
+        "w_embed": rng.normal(0, 0.5, size=(c * h * w, embedding_dim)),
+        "b_embed": rng.normal(0, 0.5, size=(embedding_dim,)),
+        "w_cls": rng.normal(0, 0.5, size=(embedding_dim, num_classes)),
+        "b_cls": rng.normal(0, 0.5, size=(num_classes,)),
+    }
+    initializers = [numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items()]
+    nodes = [
+        helper.make_node("Flatten", ["input"], ["flat"], axis=1),
+        helper.make_node("MatMul", ["flat", "w_embed"], ["embed_raw"]),
+        helper.make_node("Add", ["embed_raw", "b_embed"], ["embedding"]),
+        helper.make_node("MatMul", ["embedding", "w_cls"], ["logits_raw"]),
+        helper.make_node("Add", ["logits_raw", "b_cls"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probs"], axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny_cdc",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", c, h, w])],
+        [
+            helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", num_classes]),
+            helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", embedding_dim]),
+        ],
+        initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8  # readable by every onnxruntime >= 1.15
+    onnx.checker.check_model(model)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def tiny_meta(num_classes: int = 5, input_chw: tuple[int, int, int] = (1, 8, 8)) -> dict[str, Any]:
+    """A plain metadata dict for the tiny model (tests that need the real ModelMeta pass their own)."""
+    return {
+        "num_classes": num_classes,
+        "input_chw": list(input_chw),
+        "preprocess": {
+            "input_size": list(input_chw[1:]),
+            "channels": input_chw[0],
+            "mean": [0.5] * input_chw[0],
+            "std": [0.25] * input_chw[0],
+        },
+        "project_version": "test",
+    }
+
+
+def make_tiny_repository(
+    repo: Path,
+    name: str = "tiny",
+    backend: str = "python",
+    max_batch: int = 16,
+    seed: int = 0,
+    meta: dict[str, Any] | None = None,
+    **config_kwargs: Any,
+) -> Path:
+    """Add a tiny model (weights from ``seed``) as a new version of ``repo/name``; returns its folder."""
+    from cdc_serve.triton import add_model_version
+
+    repo = Path(repo)
+    onnx_path = make_tiny_onnx(repo.parent / f".onnx-{name}-{seed}" / "tiny.onnx", seed=seed)
+    return add_model_version(
+        repo, name, onnx_path, meta or tiny_meta(), backend, max_batch, **config_kwargs
+    )
+
+
+@pytest.fixture(scope="session")
+def triton_binary():
+    """The tritonserver binary (skips only where it cannot exist: not Linux x86-64)."""
+    if not TRITON_PLATFORM_OK:
+        pytest.skip(TRITON_SKIP_REASON)
+    from cdc_serve.serve import find_tritonserver
+
+    return find_tritonserver()
+
+
+@pytest.fixture(scope="session")
+def triton_server(triton_binary):
+    """Factory: ``triton_server(repo, **kwargs)`` -> a started, ready TritonServer on loopback."""
+    from cdc_serve.serve import TritonServer
+
+    started: list[TritonServer] = []
+
+    def start(repository: Path, **kwargs: Any) -> TritonServer:
+        kwargs.setdefault("binary", triton_binary)
+        server = TritonServer(repository, **kwargs)
+        started.append(server)
+        server.start()
+        server.wait_ready()
+        return server
+
+    yield start
+    for server in started:
+        server.stop()

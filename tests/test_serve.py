@@ -1,0 +1,367 @@
+"""A real tritonserver (the pip-installed one, python backend) serving a tiny ONNX model.
+
+HTTP and gRPC (tritonclient) and a plain curl JSON request must return what
+onnxruntime computes in-process; the server must listen on loopback only.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import ipaddress
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from conftest import make_tiny_repository
+
+from cdc_serve import CDCError
+from cdc_serve.serve import TritonServer, check_repository, free_port
+
+MAX_BATCH = 16
+BATCH_SIZES = (1, 7, MAX_BATCH)
+TOLERANCE = 1e-5
+
+server_test = [pytest.mark.slow, pytest.mark.triton]
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, triton_server):
+    """One server for the module: model "tiny" with versions 1 and 2 (2 is served), and
+    "tiny_batching" whose dynamic batcher waits 0.3 s so concurrent requests get merged."""
+    repo = tmp_path_factory.mktemp("triton") / "repo"
+    make_tiny_repository(repo, "tiny", max_batch=MAX_BATCH, seed=0, instance_kind="KIND_CPU")
+    latest = make_tiny_repository(repo, "tiny", max_batch=MAX_BATCH, seed=1, instance_kind="KIND_CPU")  # fmt: skip
+    batching = make_tiny_repository(
+        repo,
+        "tiny_batching",
+        max_batch=MAX_BATCH,
+        seed=2,
+        instance_kind="KIND_CPU",
+        max_queue_delay_us=300_000,
+    )
+    server = triton_server(repo)
+    yield {
+        "server": server,
+        "repo": repo,
+        "tiny": ort.InferenceSession(
+            str(latest / "model.onnx"), providers=["CPUExecutionProvider"]
+        ),
+        "tiny_batching": ort.InferenceSession(
+            str(batching / "model.onnx"), providers=["CPUExecutionProvider"]
+        ),
+    }
+    server.stop()
+
+
+def images(batch: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(batch, 1, 8, 8)).astype(np.float32)
+
+
+def reference(session: ort.InferenceSession, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    probs, embedding = session.run(["probs", "embedding"], {"input": x})
+    return probs, embedding
+
+
+def http_get(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+# ----------------------------------------------------------------------------- inference
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+def test_health_ready_and_latest_version_served(served):
+    server = served["server"]
+    assert http_get(f"http://{server.http_url}/v2/health/ready") == 200
+    assert http_get(f"http://{server.http_url}/v2/models/tiny/ready") == 200
+    assert http_get(f"http://{server.http_url}/v2/models/tiny/versions/2/ready") == 200
+    assert http_get(f"http://{server.http_url}/v2/models/tiny/versions/1/ready") != 200
+    assert server.start_seconds is not None and server.start_seconds > 0
+    with urllib.request.urlopen(server.metrics_url, timeout=5) as response:
+        assert b"nv_inference_request_success" in response.read()
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+@pytest.mark.parametrize("batch", BATCH_SIZES)
+def test_http_inference_matches_onnxruntime(served, batch):
+    import tritonclient.http as httpclient
+
+    x = images(batch, seed=batch)
+    client = httpclient.InferenceServerClient(served["server"].http_url)
+    inp = httpclient.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x, binary_data=True)
+    result = client.infer("tiny", [inp])
+    probs, embedding = reference(served["tiny"], x)
+    assert result.get_response()["model_version"] == "2"
+    np.testing.assert_allclose(result.as_numpy("probs"), probs, rtol=0, atol=TOLERANCE)
+    np.testing.assert_allclose(result.as_numpy("embedding"), embedding, rtol=0, atol=TOLERANCE)
+    assert result.as_numpy("probs").shape == (batch, 5)
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+@pytest.mark.parametrize("batch", BATCH_SIZES)
+def test_grpc_inference_matches_onnxruntime(served, batch):
+    import tritonclient.grpc as grpcclient
+
+    x = images(batch, seed=100 + batch)
+    client = grpcclient.InferenceServerClient(served["server"].grpc_url)
+    inp = grpcclient.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    result = client.infer("tiny", [inp])
+    probs, embedding = reference(served["tiny"], x)
+    np.testing.assert_allclose(result.as_numpy("probs"), probs, rtol=0, atol=TOLERANCE)
+    np.testing.assert_allclose(result.as_numpy("embedding"), embedding, rtol=0, atol=TOLERANCE)
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+@pytest.mark.parametrize("batch", BATCH_SIZES)
+def test_curl_json_inference_matches_onnxruntime(served, batch, tmp_path):
+    curl = shutil.which("curl")
+    assert curl, "curl is needed for this test (apt-get install curl)"
+    x = images(batch, seed=200 + batch)
+    body = {
+        "inputs": [
+            {
+                "name": "input",
+                "shape": list(x.shape),
+                "datatype": "FP32",
+                "data": x.ravel().tolist(),
+            }
+        ],
+        "outputs": [{"name": "probs"}, {"name": "embedding"}],
+    }
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps(body))
+    done = subprocess.run(
+        [curl, "-sS", "--fail-with-body", "-X", "POST", "-H", "Content-Type: application/json",
+         "--data-binary", f"@{request}",
+         f"http://{served['server'].http_url}/v2/models/tiny/infer"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr + done.stdout
+    outputs = {o["name"]: o for o in json.loads(done.stdout)["outputs"]}
+    probs, embedding = reference(served["tiny"], x)
+    assert outputs["probs"]["shape"] == [batch, 5]
+    got_probs = np.asarray(outputs["probs"]["data"], dtype=np.float32).reshape(batch, 5)
+    got_embedding = np.asarray(outputs["embedding"]["data"], dtype=np.float32).reshape(batch, -1)
+    np.testing.assert_allclose(got_probs, probs, rtol=0, atol=TOLERANCE)
+    np.testing.assert_allclose(got_embedding, embedding, rtol=0, atol=TOLERANCE)
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+def test_batch_above_max_is_refused(served):
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    x = images(MAX_BATCH + 1)
+    client = httpclient.InferenceServerClient(served["server"].http_url)
+    inp = httpclient.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    with pytest.raises(InferenceServerException, match="batch"):
+        client.infer("tiny", [inp])
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+def test_concurrent_requests_are_batched_and_split_back(served):
+    """Requests merged by the dynamic batcher run as one onnxruntime call in model.py and
+    must come back to their own senders, row for row."""
+    import tritonclient.http as httpclient
+
+    server = served["server"]
+    sizes = [1, 3, 2, 5, 1, 4]
+
+    def stats() -> tuple[int, int]:
+        with urllib.request.urlopen(
+            f"http://{server.http_url}/v2/models/tiny_batching/stats", timeout=5
+        ) as r:
+            s = json.load(r)["model_stats"][0]
+        return s["inference_count"], s["execution_count"]
+
+    def send(i: int) -> tuple[np.ndarray, np.ndarray]:
+        client = httpclient.InferenceServerClient(server.http_url)
+        x = images(sizes[i], seed=300 + i)
+        inp = httpclient.InferInput("input", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        return x, client.infer("tiny_batching", [inp]).as_numpy("probs")
+
+    inferences_before, executions_before = stats()
+    with concurrent.futures.ThreadPoolExecutor(len(sizes)) as pool:
+        results = list(pool.map(send, range(len(sizes))))
+    inferences_after, executions_after = stats()
+    for x, probs in results:
+        np.testing.assert_allclose(probs, reference(served["tiny_batching"], x)[0], atol=TOLERANCE)
+    assert inferences_after - inferences_before == sum(sizes)
+    # The batcher waits up to 0.3 s for more requests: six concurrent ones need fewer runs.
+    assert executions_after - executions_before < len(sizes)
+
+
+# ----------------------------------------------------------------------------- binding
+
+
+def non_loopback_addresses() -> list[str]:
+    """This machine's own non-loopback IP addresses (those a local socket can bind)."""
+    found: set[str] = set()
+    if shutil.which("hostname"):
+        out = subprocess.run(["hostname", "-I"], capture_output=True, text=True).stdout
+        found.update(out.split())
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:  # routing trick: no packet is sent, the kernel only picks the source address
+            s.connect(("192.0.2.1", 9))
+            found.add(s.getsockname()[0])
+        except OSError:
+            pass
+    usable = []
+    for text in sorted(found):
+        try:
+            ip = ipaddress.ip_address(text.split("%")[0])
+        except ValueError:
+            continue
+        if ip.is_loopback or ip.is_unspecified or ip.is_link_local:
+            continue
+        family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((str(ip), 0))
+            except OSError:
+                continue
+        usable.append(str(ip))
+    return usable
+
+
+def reachable(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.settimeout(3)
+        try:
+            s.connect((host, port))
+        except OSError:
+            return False
+    return True
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+def test_ports_bound_to_loopback_only(served):
+    server = served["server"]
+    addresses = non_loopback_addresses()
+    if not addresses:
+        pytest.skip("this machine has no non-loopback address to probe")
+    ports = (server.http_port, server.grpc_port, server.metrics_port)
+    for port in ports:
+        assert reachable("127.0.0.1", port)
+    # The probe itself works: a socket listening on the address is seen as reachable.
+    with socket.socket(socket.AF_INET6 if ":" in addresses[0] else socket.AF_INET) as control:
+        control.bind((addresses[0], 0))
+        control.listen()
+        assert reachable(addresses[0], control.getsockname()[1])
+    for address in addresses:
+        for port in ports:
+            assert not reachable(address, port), f"Triton port {port} is open on {address}"
+
+
+# ----------------------------------------------------------------------------- errors and life cycle
+
+
+def test_missing_or_empty_repository_is_a_clear_error(tmp_path):
+    with pytest.raises(CDCError, match="does not exist"):
+        check_repository(tmp_path / "nowhere")
+    with pytest.raises(CDCError, match="holds no model"):
+        check_repository(tmp_path)
+    (tmp_path / "cdc" / "1").mkdir(parents=True)  # a model folder without config.pbtxt
+    with pytest.raises(CDCError, match="holds no model"):
+        TritonServer(tmp_path).start()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CDCError, match="not a folder"):
+        check_repository(tmp_path / "file")
+
+
+def test_cli_serve_reports_a_missing_repository(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "cdc_serve.cli", "serve", str(tmp_path / "nowhere")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "does not exist" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+def test_model_that_fails_to_load_gives_the_log_tail(tmp_path, triton_binary):
+    version = make_tiny_repository(tmp_path / "repo", "broken", instance_kind="KIND_CPU")
+    (version / "model.py").write_text("raise RuntimeError('deliberately broken model.py')\n")
+    server = TritonServer(tmp_path / "repo", binary=triton_binary, startup_timeout=120)
+    with pytest.raises(CDCError, match="(?s)exited with status.*deliberately broken"), server:
+        pass
+    assert server.process.poll() is not None
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+def test_busy_port_is_a_clear_error(tmp_path, triton_binary):
+    make_tiny_repository(tmp_path / "repo", "tiny", instance_kind="KIND_CPU")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(CDCError, match=f"port {port} on 127.0.0.1 is already in use"):
+            TritonServer(tmp_path / "repo", http_port=port, binary=triton_binary).start()
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
+def test_cli_serve_runs_until_signalled(tmp_path, triton_binary, stop_signal):
+    repo = tmp_path / "repo"
+    make_tiny_repository(repo, "tiny", instance_kind="KIND_CPU")
+    http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
+    while len({http_port, grpc_port, metrics_port}) < 3:
+        grpc_port, metrics_port = free_port(), free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cdc_serve.cli", "serve", str(repo),
+         "--http-port", str(http_port), "--grpc-port", str(grpc_port),
+         "--metrics-port", str(metrics_port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    lines = []
+    try:
+        deadline = time.monotonic() + 180
+        for line in process.stdout:
+            lines.append(line)
+            if "models:" in line or time.monotonic() > deadline:
+                break
+        output = "".join(lines)
+        assert f"http://127.0.0.1:{http_port}" in output, output
+        assert f"127.0.0.1:{grpc_port}" in output
+        assert "models:  tiny" in output
+        assert http_get(f"http://127.0.0.1:{http_port}/v2/health/ready") == 200
+        process.send_signal(stop_signal)
+        rest, _ = process.communicate(timeout=90)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, output + rest
+    assert "stopped" in rest
+    assert not reachable("127.0.0.1", http_port), "the server outlived cdc-serve serve"

@@ -1,0 +1,339 @@
+"""Repository layout and config.pbtxt generation (cdc_serve/triton.py); no server needed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+from conftest import make_tiny_onnx, make_tiny_repository, tiny_meta
+
+from cdc_serve import CDCError
+from cdc_serve.triton import (
+    META_FILE,
+    PYTHON_MODEL_SOURCE,
+    add_model_version,
+    config_pbtxt,
+    latest_version_dir,
+    list_models,
+    next_version,
+    onnx_shapes,
+    parse_config,
+    read_config,
+    read_meta,
+    resolve_instance_kind,
+)
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+# ----------------------------------------------------------------------------- versions
+
+
+def test_next_version_counts_numeric_folders_only(tmp_path):
+    assert next_version(tmp_path / "missing") == 1
+    assert next_version(tmp_path) == 1
+    for name in ("1", "3", "latest", ".incoming-x", "10a"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "7").write_text("a file, not a version folder")
+    assert next_version(tmp_path) == 4
+    assert latest_version_dir(tmp_path) == tmp_path / "3"
+
+
+def test_latest_version_dir_without_versions(tmp_path):
+    with pytest.raises(CDCError, match="no numbered version"):
+        latest_version_dir(tmp_path)
+
+
+# ----------------------------------------------------------------------------- config.pbtxt
+
+
+@pytest.mark.parametrize(
+    "backend, kwargs, platform, backend_field",
+    [
+        ("onnxruntime", {"instance_kind": "KIND_CPU"}, "onnxruntime_onnx", ""),
+        ("python", {"instance_kind": "KIND_CPU"}, "", "python"),
+        ("tensorrt", {"instance_kind": "auto"}, "tensorrt_plan", ""),
+    ],
+)
+def test_config_parses_as_model_config(backend, kwargs, platform, backend_field):
+    text = config_pbtxt(
+        "cdc",
+        backend,
+        num_classes=10,
+        input_chw=(3, 32, 32),
+        embedding_dim=512,
+        max_batch=64,
+        instance_count=2,
+        preferred_batch_sizes=[16, 8],
+        max_queue_delay_us=250,
+        parameters={"num_classes": "10", "ood_threshold": "0.125"},
+        **kwargs,
+    )
+    config = parse_config(text)
+    assert config.name == "cdc"
+    assert config.platform == platform
+    assert config.backend == backend_field
+    assert config.max_batch_size == 64
+    assert [(i.name, list(i.dims)) for i in config.input] == [("input", [3, 32, 32])]
+    assert [(o.name, list(o.dims)) for o in config.output] == [
+        ("probs", [10]),
+        ("embedding", [512]),
+    ]
+    from tritonclient.grpc import model_config_pb2 as pb
+
+    assert {i.data_type for i in config.input} | {o.data_type for o in config.output} == {
+        pb.TYPE_FP32
+    }
+    assert list(config.dynamic_batching.preferred_batch_size) == [8, 16]
+    assert config.dynamic_batching.max_queue_delay_microseconds == 250
+    kind = pb.ModelInstanceGroup.Kind.Name(config.instance_group[0].kind)
+    assert kind == ("KIND_GPU" if backend == "tensorrt" else "KIND_CPU")
+    assert config.instance_group[0].count == 2
+    assert config.parameters["ood_threshold"].string_value == "0.125"
+    assert not config.optimization.execution_accelerators.gpu_execution_accelerator
+
+
+@pytest.mark.parametrize("fp16", [False, True])
+def test_tensorrt_accelerator_block(fp16):
+    text = config_pbtxt(
+        "cdc", "onnxruntime", 4, (1, 28, 28), 64, 32, "KIND_GPU", trt_accelerator=True, fp16=fp16
+    )
+    accelerators = parse_config(text).optimization.execution_accelerators.gpu_execution_accelerator
+    assert [a.name for a in accelerators] == ["tensorrt"]
+    assert accelerators[0].parameters["precision_mode"] == ("FP16" if fp16 else "FP32")
+
+
+def test_parameter_strings_survive_escaping():
+    tricky = 'quote " backslash \\ newline \n tab \t bell \x07 unicode é 漢'
+    text = config_pbtxt("cdc", "python", 3, (1, 4, 4), 2, 8, "KIND_CPU", parameters={"k": tricky})
+    assert parse_config(text).parameters["k"].string_value == tricky
+
+
+def test_instance_kind_auto_follows_visible_gpus(monkeypatch, tmp_path):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert resolve_instance_kind("auto", "onnxruntime") == "KIND_CPU"
+    # A stand-in nvidia-smi that lists one GPU: auto must pick KIND_GPU.
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 'GPU 0: Test GPU (UUID: GPU-0)'\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert resolve_instance_kind("auto", "python") == "KIND_GPU"
+    assert resolve_instance_kind("KIND_CPU", "python") == "KIND_CPU"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
+    assert resolve_instance_kind("auto", "python") == "KIND_CPU"
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"backend": "tensorflow"}, "backend must be one of"),
+        ({"name": "../evil"}, "not a valid folder name"),
+        ({"name": ""}, "not a valid folder name"),
+        ({"max_batch": 0}, "max_batch must be a positive integer"),
+        ({"num_classes": 2.5}, "num_classes must be a positive integer"),
+        ({"input_chw": (1, 28)}, "input_chw must be three"),
+        ({"instance_kind": "GPU"}, "instance kind must be one of"),
+        ({"backend": "tensorrt", "instance_kind": "KIND_CPU"}, "GPU only"),
+        ({"backend": "python", "trt_accelerator": True}, "onnxruntime backend only"),
+        ({"fp16": True}, "needs the TensorRT accelerator"),
+        ({"preferred_batch_sizes": [4, 64]}, "preferred batch sizes"),
+    ],
+)
+def test_config_rejects_bad_arguments(kwargs, message):
+    args = {
+        "name": "cdc",
+        "backend": "onnxruntime",
+        "num_classes": 4,
+        "input_chw": (1, 28, 28),
+        "embedding_dim": 8,
+        "max_batch": 32,
+        "instance_kind": "KIND_CPU",
+        **kwargs,
+    }
+    with pytest.raises(CDCError, match=message):
+        config_pbtxt(**args)
+
+
+def test_parse_config_reports_syntax_errors():
+    with pytest.raises(CDCError, match="invalid config.pbtxt"):
+        parse_config('name: "x"\nmax_batch_size: [ 1 ')
+
+
+# ----------------------------------------------------------------------------- repository
+
+
+def test_onnx_shapes_read_from_graph(tmp_path):
+    path = make_tiny_onnx(tmp_path / "m.onnx", num_classes=7, input_chw=(3, 5, 4), embedding_dim=9)
+    assert onnx_shapes(path) == {"num_classes": 7, "input_chw": (3, 5, 4), "embedding_dim": 9}
+
+
+def test_python_variant_layout_and_versions(tmp_path):
+    repo = tmp_path / "repo"
+    v1 = make_tiny_repository(repo, name="cdc", max_batch=8, seed=0, instance_kind="KIND_CPU")
+    assert v1 == repo / "cdc" / "1"
+    assert sorted(p.name for p in v1.iterdir()) == ["cdc_meta.json", "model.onnx", "model.py"]
+    assert (v1 / "model.py").read_bytes() == PYTHON_MODEL_SOURCE.read_bytes()
+    assert read_meta(v1) == {**tiny_meta(), "version": 1}
+    config = read_config(repo / "cdc")
+    assert config.backend == "python" and config.max_batch_size == 8
+    assert config.parameters["num_classes"].string_value == "5"
+    assert json.loads(config.parameters["preprocess"].string_value) == tiny_meta()["preprocess"]
+    before = tree_digest(v1)
+
+    v2 = make_tiny_repository(repo, name="cdc", max_batch=8, seed=1, instance_kind="KIND_CPU")
+    assert v2 == repo / "cdc" / "2"
+    assert tree_digest(v1) == before, "adding version 2 changed version 1"
+    assert (v2 / "model.onnx").read_bytes() != (v1 / "model.onnx").read_bytes()
+    assert latest_version_dir(repo / "cdc") == v2
+    assert read_meta(repo / "cdc")["version"] == 2  # a model folder reads its latest version
+    assert read_config(repo / "cdc").parameters["version"].string_value == "2"
+    # No staging folders or temporary files are left behind.
+    assert sorted(p.name for p in (repo / "cdc").iterdir()) == ["1", "2", "config.pbtxt"]
+    assert list_models(repo) == ["cdc"]
+
+
+def test_onnxruntime_and_tensorrt_layouts(tmp_path):
+    repo = tmp_path / "repo"
+    onnx_path = make_tiny_onnx(tmp_path / "m.onnx")
+    v = add_model_version(
+        repo,
+        "ort",
+        onnx_path,
+        {"a": 1},
+        "onnxruntime",
+        32,
+        trt_accelerator=True,
+        instance_kind="KIND_GPU",
+    )
+    assert sorted(p.name for p in v.iterdir()) == ["cdc_meta.json", "model.onnx"]
+    config = read_config(repo / "ort")
+    assert config.platform == "onnxruntime_onnx"
+    assert (
+        config.optimization.execution_accelerators.gpu_execution_accelerator[0].name == "tensorrt"
+    )
+
+    plan = tmp_path / "engine.plan"
+    plan.write_bytes(b"not checked here: a TensorRT engine is opaque without tensorrt")
+    with pytest.raises(CDCError, match="needs num_classes, input_chw, embedding_dim"):
+        add_model_version(repo, "trt", plan, {}, "tensorrt", 32)
+    v = add_model_version(
+        repo, "trt", plan, {}, "tensorrt", 32, num_classes=5, input_chw=(1, 8, 8), embedding_dim=6
+    )
+    assert sorted(p.name for p in v.iterdir()) == ["cdc_meta.json", "model.plan"]
+    assert read_config(repo / "trt").platform == "tensorrt_plan"
+    # The shapes may come from the metadata instead (ModelMeta field names).
+    meta = {"num_classes": 3, "embedding_dim": 4, "channels": 3, "input_size": [32, 32]}
+    add_model_version(repo, "trt", plan, meta, "tensorrt", 32, fp16=True)
+    config = read_config(repo / "trt")
+    assert [list(o.dims) for o in config.output] == [[3], [4]]
+    assert list(config.input[0].dims) == [3, 32, 32]
+
+
+def test_real_model_meta_round_trip(tmp_path):
+    """The exporter passes ModelMeta.to_dict() with version 0; the written file is valid."""
+    from cdc_serve.modelmeta import ModelMeta
+
+    meta = ModelMeta(
+        name="cdc", version=1, num_classes=5, channels=1, input_size=(8, 8),
+        mean=[0.5], std=[0.25], embedding_dim=6, ood={"threshold": 0.3},
+    ).to_dict()  # fmt: skip
+    meta["version"] = 0
+    repo = tmp_path / "repo"
+    v1 = make_tiny_repository(repo, "cdc", meta=meta, instance_kind="KIND_CPU")
+    v2 = make_tiny_repository(repo, "cdc", meta=meta, instance_kind="KIND_CPU")
+    assert ModelMeta.read(v1 / META_FILE).version == 1
+    assert ModelMeta.read(v2 / META_FILE).version == 2
+    params = read_config(repo / "cdc").parameters
+    assert params["num_classes"].string_value == "5"
+    assert json.loads(params["ood"].string_value) == {"threshold": 0.3}
+    with pytest.raises(CDCError, match="num_classes=7 in the metadata disagrees"):
+        make_tiny_repository(repo, "cdc", meta={**meta, "num_classes": 7})
+
+
+def test_add_model_version_rejects_bad_input(tmp_path):
+    repo = tmp_path / "repo"
+    onnx_path = make_tiny_onnx(tmp_path / "m.onnx")
+    with pytest.raises(CDCError, match="does not exist"):
+        add_model_version(repo, "cdc", tmp_path / "nope.onnx", {}, "python", 8)
+    with pytest.raises(CDCError, match="not plain JSON"):
+        add_model_version(repo, "cdc", onnx_path, {"x": object()}, "python", 8)
+    with pytest.raises(CDCError, match="not plain JSON"):
+        add_model_version(repo, "cdc", onnx_path, {"x": float("nan")}, "python", 8)
+    with pytest.raises(CDCError, match="num_classes=3 in the arguments disagrees"):
+        add_model_version(repo, "cdc", onnx_path, {}, "python", 8, num_classes=3)
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\x00\x01 definitely not protobuf" * 10)
+    with pytest.raises(CDCError, match="not a readable ONNX model|model contract"):
+        add_model_version(repo, "cdc", garbage, {}, "python", 8)
+    assert not repo.exists() or not any((repo / "cdc").glob("*")), "a failed add left files"
+
+    add_model_version(repo, "cdc", onnx_path, {}, "python", 8, instance_kind="KIND_CPU")
+    with pytest.raises(CDCError, match="served by the python backend"):
+        add_model_version(repo, "cdc", onnx_path, {}, "onnxruntime", 8)
+    assert next_version(repo / "cdc") == 2
+
+
+def test_contract_violations_in_onnx_are_named(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["probs"])],
+        "bad",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 4])],
+    )
+    path = tmp_path / "bad.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    with pytest.raises(CDCError, match="no input named 'input'.*no output named 'embedding'"):
+        onnx_shapes(path)
+
+
+def test_read_meta_errors(tmp_path):
+    with pytest.raises(CDCError, match="does not exist"):
+        read_meta(tmp_path)
+    (tmp_path / META_FILE).write_text("[1, 2]")
+    with pytest.raises(CDCError, match="not a JSON object"):
+        read_meta(tmp_path)
+    (tmp_path / META_FILE).write_text("{broken")
+    with pytest.raises(CDCError, match="cannot read model metadata"):
+        read_meta(tmp_path)
+
+
+TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "model_repository" / "templates"
+TEMPLATE_COMMON = {
+    "num_classes": 10,
+    "input_chw": (1, 28, 28),
+    "embedding_dim": 128,
+    "max_batch": 256,
+    "preferred_batch_sizes": [64, 256],
+    "parameters": {
+        "cdc_meta_file": "cdc_meta.json",
+        "num_classes": "10",
+        "channels": "1",
+        "input_size": "[28,28]",
+    },
+}
+TEMPLATES = {
+    "onnxruntime": {"instance_kind": "KIND_GPU", "trt_accelerator": True, "fp16": True},
+    "python": {"instance_kind": "KIND_CPU"},
+    "tensorrt": {"instance_kind": "KIND_GPU"},
+}
+
+
+@pytest.mark.parametrize("backend", sorted(TEMPLATES))
+def test_templates_parse_and_match_the_generator(backend):
+    """model_repository/templates/*/config.pbtxt are valid and what config_pbtxt writes."""
+    text = (TEMPLATE_DIR / backend / "config.pbtxt").read_text()
+    parse_config(text)
+    assert text == config_pbtxt("cdc", backend, **TEMPLATES[backend], **TEMPLATE_COMMON)

@@ -1,0 +1,330 @@
+"""Calibrated Deep Clustering: the losses (paper Eq. 1, 2, 4, 5) and the training loop (Algorithm 1).
+
+Per batch of ``B`` images (Algorithm 1; reference-facts.md "Training step"):
+
+1. Without gradients: backbone features of the un-augmented ("val") view and of a weak
+   view; clustering-head probabilities of the val view; calibration-head
+   probabilities of the weak view.
+2. Pseudo-labels: the calibration head's argmax on the weak view, a class-wise dynamic
+   share of them kept (Eq. 4, :func:`select_pseudo_labels`).
+3. Mini-clusters: K-means with ``K`` clusters on the L1-normalised val features; the
+   calibration target of a sample is the mean clustering-head prediction of its
+   mini-cluster (Eq. 1, :func:`calibration_targets`).
+4. Per sub-batch of ``B_s`` images: cross-entropy of the clustering head on strong views
+   of the selected samples (Eq. 5), which trains backbone + clustering head; and the
+   calibration loss (Eq. 1) plus ``w_en`` times the negative entropy (Eq. 2) on the
+   *detached* val features, which trains the calibration head only (stop-gradient).
+
+The ablations of Table 2 are options of :class:`~cdc_serve_training.config.CDCConfig`:
+``selection="fixed"`` (a global threshold instead of Eq. 4), ``heads="clu"`` (one head,
+no calibration loss, selecting with its own confidence), ``heads="clu+cal"`` (one head
+trained with both losses) and ``stop_gradient=False`` (the calibration loss also trains
+the backbone). Random head initialisation is handled by the pipeline (``init.py``).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from cdc_serve import CDCError
+from cdc_serve_training.checkpoint import load_training_state, save_training_state
+from cdc_serve_training.config import CDCConfig
+from cdc_serve_training.heads import ClusteringModel
+from cdc_serve_training.kmeans import kmeans
+
+# ----------------------------------------------------------------------------------------------
+# The losses and the selection, as pure functions
+# ----------------------------------------------------------------------------------------------
+
+
+def calibration_targets(
+    clu_probs: torch.Tensor, mini_cluster_labels: torch.Tensor, k: int
+) -> torch.Tensor:
+    """Per-sample target of Eq. 1: ``q_hat_k``, the mean clustering-head prediction of its mini-cluster.
+
+    ``clu_probs`` is ``B x C`` (softmax of the clustering head), ``mini_cluster_labels``
+    the K-means assignment (``B`` ints in ``[0, k)``). Returns ``B x C``.
+    """
+    labels = mini_cluster_labels.long()
+    sums = torch.zeros(k, clu_probs.shape[1], dtype=clu_probs.dtype, device=clu_probs.device)
+    sums.index_add_(0, labels, clu_probs)
+    counts = torch.bincount(labels, minlength=k).clamp_min(1).to(clu_probs.dtype)
+    return (sums / counts[:, None])[labels]
+
+
+def calibration_loss(cal_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Eq. 1: ``-1/B sum_i q_hat_k(i) . log p_i^cal``, a soft cross-entropy."""
+    return -(targets * F.log_softmax(cal_logits.float(), dim=1)).sum(dim=1).mean()
+
+
+def negative_entropy_loss(cal_probs: torch.Tensor) -> torch.Tensor:
+    """Eq. 2: ``sum_j pbar_j log pbar_j`` with ``pbar`` the batch-mean prediction.
+
+    Minimising it spreads the batch over all clusters. The paper writes a ``1/C``
+    factor; the reference implementation sums over the classes, as here (``w_en = 1``
+    was tuned with the sum).
+    """
+    mean = cal_probs.float().mean(dim=0)
+    return (mean * torch.log(mean.clamp_min(1e-8))).sum()
+
+
+def select_pseudo_labels(
+    cal_probs_weak: torch.Tensor, num_classes: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 4: class-wise dynamic selection of pseudo-labels from the calibration head.
+
+    For every class ``c``: ``TOP(c)`` are the ``floor(B / C)`` samples with the highest
+    probability in column ``c``; ``M(c) = floor(sum over TOP(c) of the samples'
+    confidence)`` (the confidence being a sample's largest probability, as the
+    reference code does); the first ``M(c)`` samples of ``TOP(c)`` are kept. A
+    sample's pseudo-label is its argmax. A well-calibrated head thus keeps more samples
+    of the classes it has learnt well and fewer of the others.
+
+    Returns ``(index, labels)``: sorted, distinct row indices into the batch and their
+    pseudo-labels.
+    """
+    probs = cal_probs_weak.float()
+    per_class = probs.shape[0] // num_classes
+    confidence, labels = probs.max(dim=1)
+    if per_class == 0:
+        empty = torch.zeros(0, dtype=torch.long, device=probs.device)
+        return empty, empty
+    top = probs.topk(per_class, dim=0).indices  # per_class x C, best first in each column
+    # floor of the sum; the small epsilon keeps float32 round-off (e.g. 8.9999995) from
+    # dropping a sample
+    m = torch.floor(confidence[top].sum(dim=0) + 1e-5).long()
+    keep = torch.arange(per_class, device=probs.device)[:, None] < m[None, :]
+    index = torch.unique(top[keep])
+    return index, labels[index]
+
+
+def select_fixed_threshold(
+    probs: torch.Tensor, threshold: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ablation (Table 2-II): keep every sample whose confidence is at least ``threshold``."""
+    confidence, labels = probs.float().max(dim=1)
+    index = torch.nonzero(confidence >= threshold).flatten()
+    return index, labels[index]
+
+
+def clustering_loss(clu_logits_strong: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Eq. 5: cross-entropy of the clustering head on strong views of the selected samples."""
+    return F.cross_entropy(clu_logits_strong.float(), labels)
+
+
+# ----------------------------------------------------------------------------------------------
+# The training loop (Algorithm 1)
+# ----------------------------------------------------------------------------------------------
+
+
+def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
+    """The random stream of one epoch, derived from (seed, epoch) so that resume is exact."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed((seed * 1_000_003 + epoch * 7919 + 17) % (2**63))
+    return generator
+
+
+def _heads(model: ClusteringModel, cfg: CDCConfig):
+    """(selection head, calibration-trained head or None) for the head variant."""
+    if cfg.heads == "dual":
+        return model.cal_head, model.cal_head
+    if cfg.heads == "clu":  # Table 2-III: one head, no calibration loss
+        return model.clu_head, None
+    return model.clu_head, model.clu_head  # "clu+cal", Table 2-IV: one head, both losses
+
+
+def _optimizer(model: ClusteringModel, cfg: CDCConfig) -> torch.optim.Optimizer:
+    groups = [
+        {"params": list(model.backbone.parameters()), "lr": cfg.lr_encoder},
+        {"params": list(model.clu_head.parameters()), "lr": cfg.lr_heads},
+    ]
+    if cfg.heads == "dual":
+        groups.append({"params": list(model.cal_head.parameters()), "lr": cfg.lr_heads})
+    return torch.optim.Adam(groups, weight_decay=cfg.weight_decay)
+
+
+def _resume_keys(cfg: CDCConfig) -> dict:
+    """The settings a checkpoint must agree with to be resumed."""
+    keys = asdict(cfg)
+    keys.pop("epochs")  # resuming with more epochs is allowed
+    return keys
+
+
+def train_cdc(
+    model: ClusteringModel,
+    data,
+    augmenter,
+    cfg: CDCConfig,
+    device: torch.device,
+    *,
+    seed: int = 0,
+    checkpoint_path: Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    amp: bool = False,
+) -> dict:
+    """Train ``model`` in place per Algorithm 1; return the per-epoch history.
+
+    ``data`` is an :class:`~cdc_serve_training.data.ImageData`, ``augmenter`` an
+    :class:`~cdc_serve_training.augment.Augmenter`. A checkpoint is written after every
+    epoch to ``checkpoint_path``; with ``resume=True`` training continues from it and
+    ends with the same weights as an uninterrupted run (bit-identical on CPU).
+    """
+    n = len(data)
+    B, B_s = cfg.batch_size, cfg.sub_batch_size
+    C = data.num_classes
+    if B > n:
+        raise CDCError(f"CDC batch size B={B} is larger than the data set ({n} images)")
+    model.to(device)
+    optimizer = _optimizer(model, cfg)
+    history: dict[str, list[float]] = {"loss_clu": [], "loss_cal": [], "loss_en": [], "selected": []}
+    start_epoch = 0
+    if resume and checkpoint_path is not None and Path(checkpoint_path).exists():
+        state = load_training_state(checkpoint_path, map_location=device)
+        if state.get("config") != _resume_keys(cfg):
+            raise CDCError(
+                f"cannot resume from {checkpoint_path}: it was written with other CDC settings"
+            )
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        history = state["history"]
+        start_epoch = int(state["epoch"])
+
+    images = data.images.to(device)
+    select_head, cal_head = _heads(model, cfg)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
+    n_batches = n // B
+
+    for epoch in range(start_epoch, cfg.epochs):
+        generator = epoch_generator(seed, epoch, device)
+        order = torch.randperm(n, generator=generator, device=device)
+        model.train()
+        sums = {key: 0.0 for key in history}
+        bar = tqdm(
+            range(n_batches),
+            desc=f"CDC {epoch + 1}/{cfg.epochs}",
+            disable=None if progress else True,
+            file=sys.stderr,
+            leave=False,
+        )
+        for b in bar:
+            x = images[order[b * B : (b + 1) * B]]
+            stats = _train_batch(
+                model, x, augmenter, cfg, C, select_head, cal_head, optimizer, generator, autocast
+            )
+            for key, value in stats.items():
+                sums[key] += value
+            bar.set_postfix(
+                clu=f"{stats['loss_clu']:.3f}",
+                cal=f"{stats['loss_cal']:.3f}",
+                sel=f"{100 * stats['selected']:.0f}%",
+            )
+        bar.close()
+        for key in history:
+            history[key].append(sums[key] / max(n_batches, 1))
+        if progress:
+            tqdm.write(
+                f"CDC epoch {epoch + 1}/{cfg.epochs}: loss_clu {history['loss_clu'][-1]:.4f} "
+                f"loss_cal {history['loss_cal'][-1]:.4f} loss_en {history['loss_en'][-1]:.4f} "
+                f"selected {100 * history['selected'][-1]:.1f}%",
+                file=sys.stderr,
+            )
+        if checkpoint_path is not None:
+            save_training_state(
+                checkpoint_path,
+                {
+                    "epoch": epoch + 1,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "history": history,
+                    "config": _resume_keys(cfg),
+                },
+            )
+
+    if cfg.heads != "dual":  # single head: both outputs are that head
+        model.cal_head.load_state_dict(model.clu_head.state_dict())
+    model.eval()
+    return history
+
+
+def _train_batch(
+    model: ClusteringModel,
+    x: torch.Tensor,
+    augmenter,
+    cfg: CDCConfig,
+    num_classes: int,
+    select_head,
+    cal_head,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    autocast,
+) -> dict[str, float]:
+    """One batch of Algorithm 1; returns the batch's mean losses and selected share."""
+    B, B_s = x.shape[0], cfg.sub_batch_size
+
+    # 1. predictions without gradients
+    with torch.no_grad(), autocast:
+        x_val = augmenter.val(x)
+        features_val = model.backbone(x_val).float()
+        clu_probs = torch.softmax(model.clu_head(features_val).float(), dim=1)
+        features_weak = model.backbone(augmenter.weak(x, generator=generator))
+        select_probs = torch.softmax(select_head(features_weak).float(), dim=1)
+
+    # 2. pseudo-labels (Eq. 4, or a fixed threshold for the ablation)
+    if cfg.selection == "dynamic":
+        selected, pseudo = select_pseudo_labels(select_probs, num_classes)
+    else:
+        selected, pseudo = select_fixed_threshold(select_probs, cfg.fixed_threshold)
+    labels = torch.full((B,), -1, dtype=torch.long, device=x.device)
+    labels[selected] = pseudo
+
+    # 3. mini-cluster targets (Eq. 1)
+    targets = None
+    if cal_head is not None:
+        k = min(cfg.mini_clusters, B)
+        _, mini = kmeans(
+            F.normalize(features_val, p=1, dim=1), k, n_iter=cfg.kmeans_iters, generator=generator
+        )
+        targets = calibration_targets(clu_probs, mini, k)
+
+    # 4. sub-batches: clustering loss (Eq. 5) and calibration loss (Eq. 1 + w_en Eq. 2)
+    totals = {"loss_clu": 0.0, "loss_cal": 0.0, "loss_en": 0.0}
+    n_sub = B // B_s
+    for s in range(n_sub):
+        part = slice(s * B_s, (s + 1) * B_s)
+        optimizer.zero_grad(set_to_none=True)
+        loss = torch.zeros((), device=x.device)
+        chosen = torch.nonzero(labels[part] >= 0).flatten() + s * B_s
+        if chosen.numel() > 0:
+            with autocast:
+                strong = augmenter.strong(x[chosen], generator=generator)
+                logits = model.clu_head(model.backbone(strong))
+            loss_clu = clustering_loss(logits, labels[chosen])
+            loss = loss + loss_clu
+            totals["loss_clu"] += loss_clu.item() / n_sub
+        if cal_head is not None:
+            if cfg.stop_gradient:
+                features = features_val[part]  # computed without gradients: stop-gradient
+            else:  # ablation Table 2-V: the calibration loss reaches the backbone
+                with autocast:
+                    features = model.backbone(x_val[part]).float()
+            cal_logits = cal_head(features).float()
+            loss_cal = calibration_loss(cal_logits, targets[part])
+            loss_en = negative_entropy_loss(torch.softmax(cal_logits, dim=1))
+            loss = loss + loss_cal + cfg.w_en * loss_en
+            totals["loss_cal"] += loss_cal.item() / n_sub
+            totals["loss_en"] += loss_en.item() / n_sub
+        if loss.requires_grad:
+            loss.backward()
+            optimizer.step()
+    totals["selected"] = selected.numel() / B
+    if not math.isfinite(totals["loss_clu"] + totals["loss_cal"]):
+        raise CDCError("CDC training diverged (a loss became NaN or infinite); lower the learning rates")
+    return totals

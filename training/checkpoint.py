@@ -1,0 +1,191 @@
+"""``model.pth`` (the trained model, docs/ARCHITECTURE.md) and per-stage training checkpoints.
+
+Everything is a ``torch.save`` of plain containers and tensors, written atomically
+(temporary file + rename) and read with ``torch.load(weights_only=True)``, which refuses
+pickles that would run code. ``load_model`` turns every way a file can be wrong into one
+:class:`cdc_serve.CDCError` naming the problem: missing, truncated or not a torch file,
+a crafted pickle, another format or version, a class count that disagrees with the
+weights, missing or unexpected weights.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cdc_serve import CDCError, __version__
+from cdc_serve_training.heads import ClusteringModel
+
+FORMAT = "cdc-serve/model"
+FORMAT_VERSION = 1
+ARCH_KEYS = ("backbone", "in_channels", "input_size", "feature_dim", "hidden_dim", "num_classes")
+
+
+# ----------------------------------------------------------------------------------------------
+# Atomic save / safe load of any checkpoint
+# ----------------------------------------------------------------------------------------------
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` to a temporary file next to ``path``, then rename (never half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def safe_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
+    """``torch.load(weights_only=True)`` with every failure as a CDCError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CDCError(f"no such file: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights only" in str(exc).lower() or "weights_only" in str(exc).lower():
+            raise CDCError(
+                f"refusing to unpickle {path}: it contains objects other than tensors and "
+                "plain containers (possibly code); only trusted cdc-serve files can be loaded"
+            ) from None
+        raise CDCError(f"{path} is not a readable torch file ({exc})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError) as exc:
+        raise CDCError(
+            f"cannot read {path}: truncated, corrupt or not a torch file ({type(exc).__name__})"
+        ) from None
+
+
+def save_training_state(path: str | os.PathLike, state: dict) -> Path:
+    """A stage's resumable state (model, optimiser, epoch, history)."""
+    return atomic_save(state, path)
+
+
+def load_training_state(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
+    state = safe_load(path, map_location)
+    if not isinstance(state, dict) or "epoch" not in state:
+        raise CDCError(f"{path} is not a cdc-serve training checkpoint")
+    return state
+
+
+# ----------------------------------------------------------------------------------------------
+# model.pth
+# ----------------------------------------------------------------------------------------------
+
+
+def build_model(arch: dict) -> ClusteringModel:
+    """An untrained ``ClusteringModel`` of the given architecture (the ``arch`` dict of model.pth)."""
+    from cdc_serve_training.backbones import build_backbone
+
+    missing = [k for k in ARCH_KEYS if k not in arch]
+    if missing:
+        raise CDCError(f"model architecture lacks {', '.join(missing)}")
+    backbone = build_backbone(arch["backbone"], int(arch["in_channels"]), tuple(arch["input_size"]))
+    if int(backbone.out_dim) != int(arch["feature_dim"]):
+        raise CDCError(
+            f"backbone {arch['backbone']} gives {backbone.out_dim}-d features, "
+            f"the model says {arch['feature_dim']}"
+        )
+    return ClusteringModel(backbone, int(arch["hidden_dim"]), int(arch["num_classes"]))
+
+
+def arch_of(model: ClusteringModel, backbone: str, in_channels: int, input_size) -> dict:
+    """The ``arch`` dict describing ``model``."""
+    return {
+        "backbone": backbone,
+        "in_channels": int(in_channels),
+        "input_size": [int(s) for s in input_size],
+        "feature_dim": model.feature_dim,
+        "hidden_dim": model.hidden_dim,
+        "num_classes": model.num_classes,
+    }
+
+
+def save_model(
+    path: str | os.PathLike,
+    model: ClusteringModel,
+    *,
+    method: str,
+    arch: dict,
+    preprocess: dict,
+    config: dict,
+    dataset: str,
+    metrics: dict,
+    ood: dict,
+) -> Path:
+    """Write ``model.pth`` (format of docs/ARCHITECTURE.md) atomically; returns its path."""
+    state_dict = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "project_version": __version__,
+        "method": method,
+        "arch": dict(arch),
+        "preprocess": dict(preprocess),
+        "state_dict": state_dict,
+        "config": config,
+        "dataset": dataset,
+        "metrics": metrics,
+        "ood": ood,
+    }
+    return atomic_save(payload, path)
+
+
+def _major(version: str) -> str:
+    return str(version).split(".", 1)[0]
+
+
+def load_model(
+    path: str | os.PathLike, map_location: Any = "cpu"
+) -> tuple[ClusteringModel, dict]:
+    """Read a ``model.pth``: ``(model in eval mode, everything else of the file)``."""
+    payload = safe_load(path, map_location)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CDCError(f"{path} is not a cdc-serve model (expected format {FORMAT!r})")
+    if payload.get("format_version") != FORMAT_VERSION:
+        raise CDCError(
+            f"{path} has model format version {payload.get('format_version')!r}; this "
+            f"cdc-serve reads version {FORMAT_VERSION}"
+        )
+    if _major(payload.get("project_version", "")) != _major(__version__):
+        raise CDCError(
+            f"{path} was written by cdc-serve {payload.get('project_version')}, "
+            f"incompatible with this version {__version__}"
+        )
+    for key in ("arch", "state_dict", "preprocess"):
+        if not isinstance(payload.get(key), dict):
+            raise CDCError(f"{path} lacks its {key!r} section")
+    arch, state_dict = payload["arch"], payload["state_dict"]
+    for head in ("clu_head", "cal_head"):
+        weight = state_dict.get(f"{head}.fc2.weight")
+        if weight is not None and weight.shape[0] != arch.get("num_classes"):
+            raise CDCError(
+                f"{path}: the model says {arch.get('num_classes')} classes but the {head} "
+                f"weights have {weight.shape[0]}"
+            )
+    model = build_model(arch)
+    try:
+        result = model.load_state_dict(state_dict, strict=False)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1].strip()
+        raise CDCError(f"{path}: weights do not fit the architecture ({first})") from None
+    if result.missing_keys or result.unexpected_keys:
+        parts = []
+        if result.missing_keys:
+            parts.append(f"missing weights {result.missing_keys[:5]}")
+        if result.unexpected_keys:
+            parts.append(f"unexpected weights {result.unexpected_keys[:5]}")
+        raise CDCError(f"{path} does not match its architecture: " + "; ".join(parts))
+    model.eval()
+    info = {k: v for k, v in payload.items() if k != "state_dict"}
+    return model, info

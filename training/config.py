@@ -1,0 +1,325 @@
+"""Training configuration: dataclasses, the ``quick`` and ``paper`` presets, and the ablations.
+
+``make_config(...)`` is what ``cdc-serve train`` calls. It starts from a preset, applies
+the command-line overrides and one of the paper's Table 2 ablations, and validates
+everything it can before any data is read (``B % B_s == 0``, ``K <= B``, known names),
+raising :class:`cdc_serve.CDCError` with a message naming the problem.
+
+Presets
+- ``quick``: the small CNN on a 2-core CPU. The whole pipeline (MoCo-v2 pretraining,
+  K-means baseline, prototype init, CDC, evaluation) on all 70,000 Fashion-MNIST images
+  runs in well under 10 minutes; the settings were tuned on that data (docs/BENCHMARKS.md).
+- ``paper``: ResNet-34 and the reference settings (App. B.1 and reference-facts.md):
+  MoCo-v2 1000 epochs, CDC 100 epochs, ``B = 1000``, ``B_s = 500``, ``K = 500``, Adam
+  1e-4 (heads) / 5e-5 (encoder). Meant for a GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from cdc_serve import CDCError
+from cdc_serve_training.moco import MocoConfig
+
+PRESETS = ("quick", "paper")
+METHODS = ("cdc", "ruc")
+SPLITS = ("train", "test", "all")
+BACKBONE_NAMES = ("smallcnn", "resnet18", "resnet34")
+
+
+@dataclass
+class DataConfig:
+    """Which images to train on."""
+
+    name: str = "fashion-mnist"
+    root: str | None = None
+    split: str = "all"
+    limit: int | None = None
+    download: bool = False
+
+
+@dataclass
+class InitConfig:
+    """Prototype initialisation of the heads (paper Sec. 3.3; init.py)."""
+
+    hidden: int = 512  # H, the heads' hidden size
+    ortho_steps: int = 2000  # "orthogonalisation" refinement steps per weight matrix
+    ortho_lr: float = 0.1
+    kmeans_iters: int = 100
+
+
+@dataclass
+class CDCConfig:
+    """Joint training of the two heads (paper Sec. 3.1-3.4, Algorithm 1; cdc.py)."""
+
+    epochs: int = 100
+    batch_size: int = 1000  # B
+    sub_batch_size: int = 500  # B_s
+    mini_clusters: int = 500  # K, K-means clusters per batch for the calibration targets
+    lr_heads: float = 1e-4
+    lr_encoder: float = 5e-5
+    weight_decay: float = 0.0
+    w_en: float = 1.0  # weight of the negative entropy loss (Eq. 3)
+    kmeans_iters: int = 20  # Lloyd iterations of the per-batch K-means
+    # ablations (paper Table 2)
+    init: str = "prototype"  # "prototype" | "random"
+    selection: str = "dynamic"  # "dynamic" (Eq. 4) | "fixed"
+    fixed_threshold: float = 0.99
+    heads: str = "dual"  # "dual" | "clu" | "clu+cal"
+    stop_gradient: bool = True
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``pipeline.train`` needs; ``to_dict()`` is stored in model.pth."""
+
+    data: DataConfig
+    backbone: str
+    moco: MocoConfig
+    init: InitConfig
+    cdc: CDCConfig
+    out: str
+    preset: str = "quick"
+    method: str = "cdc"
+    ruc: Any = None  # ruc.RUCConfig when method == "ruc"
+    init_from: str | None = None  # RUC: "kmeans", a CDC model.pth or a labels .npy/.csv
+    ablation: str | None = None
+    device: str = "auto"
+    seed: int = 0
+    amp: bool = True  # bf16 autocast, on CUDA only
+    eval_batch_size: int = 1024
+    progress: bool = True
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# Ablations (paper Table 2): name -> changes to CDCConfig
+# ----------------------------------------------------------------------------------------------
+
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "random-init": {"init": "random"},  # Table 2-I "w/o Init. + CDC"
+    "fixed-0.99": {"selection": "fixed", "fixed_threshold": 0.99},  # Table 2-II
+    "fixed-0.95": {"selection": "fixed", "fixed_threshold": 0.95},
+    "fixed-0.9": {"selection": "fixed", "fixed_threshold": 0.90},
+    "fixed-0.8": {"selection": "fixed", "fixed_threshold": 0.80},
+    "single-head-clu": {"heads": "clu"},  # Table 2-III
+    "single-head-clu+cal": {"heads": "clu+cal"},  # Table 2-IV
+    "no-stop-gradient": {"stop_gradient": False},  # Table 2-V
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Presets
+# ----------------------------------------------------------------------------------------------
+
+
+def _quick_preset() -> tuple[str, MocoConfig, InitConfig, CDCConfig]:
+    """Small CNN, few epochs: the whole pipeline on 70,000 28x28 images in < 10 min on 2 cores."""
+    moco = MocoConfig(
+        epochs=12,
+        batch_size=256,
+        lr=0.5,
+        momentum=0.9,
+        weight_decay=1e-4,
+        temperature=0.2,
+        queue_size=8192,
+        key_momentum=0.99,
+        proj_hidden=512,
+        proj_dim=128,
+        warmup_epochs=1,
+    )
+    init = InitConfig(hidden=128, ortho_steps=500, ortho_lr=0.1, kmeans_iters=50)
+    cdc = CDCConfig(
+        epochs=6,
+        batch_size=1000,
+        sub_batch_size=500,
+        mini_clusters=100,
+        lr_heads=1e-3,
+        lr_encoder=1e-4,
+        kmeans_iters=10,
+    )
+    return "smallcnn", moco, init, cdc
+
+
+def _paper_preset() -> tuple[str, MocoConfig, InitConfig, CDCConfig]:
+    """The paper's settings (App. B.1, reference-facts.md) with ResNet-34."""
+    return "resnet34", MocoConfig(), InitConfig(), CDCConfig()
+
+
+_PRESETS = {"quick": _quick_preset, "paper": _paper_preset}
+
+
+def _known_dataset(name: str) -> bool:
+    from cdc_serve_training.data import DATASETS
+
+    return name in DATASETS or (name.startswith("imagefolder:") and len(name) > len("imagefolder:"))
+
+
+def _check_device(device: str) -> None:
+    if device in ("auto", "cpu"):
+        return
+    if device == "cuda" or device.startswith("cuda:"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise CDCError(f"device {device!r} requested but no CUDA GPU is available (use auto or cpu)")
+        return
+    raise CDCError(f"unknown device {device!r}; use auto, cpu or cuda")
+
+
+def validate(config: TrainConfig) -> TrainConfig:
+    """Check the settings that do not need the data; CDCError naming the problem otherwise."""
+    c = config.cdc
+    if c.epochs < 0 or config.moco.epochs < 0:
+        raise CDCError("epochs must be >= 0")
+    if c.batch_size < 1 or c.sub_batch_size < 1:
+        raise CDCError(f"batch sizes must be positive (B={c.batch_size}, B_s={c.sub_batch_size})")
+    if c.batch_size % c.sub_batch_size != 0:
+        raise CDCError(
+            f"the batch size B={c.batch_size} is not divisible by the sub-batch size "
+            f"B_s={c.sub_batch_size}"
+        )
+    if not 1 <= c.mini_clusters <= c.batch_size:
+        raise CDCError(
+            f"the number of mini-clusters K={c.mini_clusters} must be between 1 and the "
+            f"batch size B={c.batch_size}"
+        )
+    if c.init not in ("prototype", "random"):
+        raise CDCError(f"unknown head initialisation {c.init!r}; use prototype or random")
+    if c.selection not in ("dynamic", "fixed"):
+        raise CDCError(f"unknown selection {c.selection!r}; use dynamic or fixed")
+    if not 0.0 < c.fixed_threshold <= 1.0:
+        raise CDCError(f"the fixed threshold must be in (0, 1], got {c.fixed_threshold}")
+    if c.heads not in ("dual", "clu", "clu+cal"):
+        raise CDCError(f"unknown head setting {c.heads!r}; use dual, clu or clu+cal")
+    if c.lr_heads <= 0 or c.lr_encoder < 0:
+        raise CDCError("learning rates must be positive")
+    if config.init.hidden < 1:
+        raise CDCError(f"the hidden size must be positive, got {config.init.hidden}")
+    if config.backbone not in BACKBONE_NAMES:
+        raise CDCError(f"unknown backbone {config.backbone!r}; use one of {', '.join(BACKBONE_NAMES)}")
+    if config.method not in METHODS:
+        raise CDCError(f"unknown method {config.method!r}; use cdc or ruc")
+    if config.data.split not in SPLITS:
+        raise CDCError(f"unknown split {config.data.split!r}; use train, test or all")
+    if config.data.limit is not None and config.data.limit < 1:
+        raise CDCError(f"--limit must be a positive number of images, got {config.data.limit}")
+    if not _known_dataset(config.data.name):
+        from cdc_serve_training.data import dataset_names
+
+        raise CDCError(
+            f"unknown dataset {config.data.name!r}; known: {', '.join(dataset_names())}"
+        )
+    _check_device(config.device)
+    return config
+
+
+def validate_against_data(config: TrainConfig, n: int, num_classes: int) -> None:
+    """Checks that need the data's size and class count (run before any training)."""
+    if num_classes < 2:
+        raise CDCError(f"{config.data.name} has {num_classes} class(es); clustering needs at least 2")
+    if num_classes > n:
+        raise CDCError(
+            f"{num_classes} clusters requested but the data has only {n} images; "
+            "use more images (--limit) or fewer classes"
+        )
+    if config.method == "cdc":
+        if config.cdc.batch_size > n:
+            raise CDCError(
+                f"the CDC batch size B={config.cdc.batch_size} is larger than the data "
+                f"({n} images); use more images"
+            )
+        if num_classes > config.cdc.batch_size:
+            raise CDCError(
+                f"{num_classes} clusters do not fit in a CDC batch of B={config.cdc.batch_size} "
+                "images (Eq. 4 takes floor(B / C) samples per class)"
+            )
+    if config.init.hidden < num_classes and config.cdc.init == "prototype":
+        raise CDCError(f"the hidden size {config.init.hidden} is smaller than the {num_classes} classes")
+
+
+def _scale_for_limit(cdc: CDCConfig, limit: int) -> None:
+    """Small --limit runs: shrink B (and B_s, K with it) so that a few batches fit."""
+    while cdc.batch_size > limit // 2 and cdc.batch_size % 2 == 0 and cdc.sub_batch_size % 2 == 0:
+        cdc.batch_size //= 2
+        cdc.sub_batch_size //= 2
+        cdc.mini_clusters = max(1, cdc.mini_clusters // 2)
+
+
+def make_config(
+    *,
+    preset: str,
+    dataset: str,
+    out: str,
+    method: str = "cdc",
+    init_from: str | None = None,
+    data_root: str | None = None,
+    split: str = "all",
+    backbone: str | None = None,
+    epochs: int | None = None,
+    pretrain_epochs: int | None = None,
+    ablation: str | None = None,
+    device: str = "auto",
+    seed: int = 0,
+    limit: int | None = None,
+    download: bool = False,
+) -> TrainConfig:
+    """The configuration of one training run (what ``cdc-serve train`` builds); validated."""
+    if preset not in _PRESETS:
+        raise CDCError(f"unknown preset {preset!r}; use one of {', '.join(PRESETS)}")
+    preset_backbone, moco, init, cdc = _PRESETS[preset]()
+    if ablation is not None:
+        if ablation not in ABLATIONS:
+            raise CDCError(f"unknown ablation {ablation!r}; use one of {', '.join(ABLATIONS)}")
+        cdc = dataclasses.replace(cdc, **ABLATIONS[ablation])
+    if limit is not None and limit >= 1:
+        _scale_for_limit(cdc, limit)
+    if pretrain_epochs is not None:
+        moco.epochs = pretrain_epochs
+
+    ruc = None
+    if method == "ruc":
+        from cdc_serve_training.ruc import QUICK_RUC, RUCConfig
+
+        ruc = dataclasses.replace(QUICK_RUC) if preset == "quick" else RUCConfig()
+        if epochs is not None:
+            ruc.epochs = epochs
+    elif epochs is not None:
+        cdc.epochs = epochs
+    if init_from is not None and method != "ruc":
+        raise CDCError("--init-from is for --method ruc only")
+
+    config = TrainConfig(
+        data=DataConfig(name=dataset, root=data_root, split=split, limit=limit, download=download),
+        backbone=backbone or preset_backbone,
+        moco=moco,
+        init=init,
+        cdc=cdc,
+        out=str(out),
+        preset=preset,
+        method=method,
+        ruc=ruc,
+        init_from=init_from,
+        ablation=ablation,
+        device=device,
+        seed=seed,
+    )
+    return validate(config)
+
+
+__all__ = [
+    "ABLATIONS",
+    "PRESETS",
+    "CDCConfig",
+    "DataConfig",
+    "InitConfig",
+    "TrainConfig",
+    "make_config",
+    "validate",
+    "validate_against_data",
+]
+

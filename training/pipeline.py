@@ -1,0 +1,323 @@
+"""``train(config)``: the whole training run behind ``cdc-serve train``.
+
+Stages, each leaving its result in ``config.out`` so that ``resume=True`` skips what is
+done and continues an interrupted stage from its last epoch:
+
+1. data         ``load_dataset`` + checks that need the data (before any training)
+2. pretrain     MoCo-v2 on the backbone (``moco.pretrain_moco``)  -> ``backbone.pt``
+                (epoch checkpoints in ``pretrain.ckpt``)
+3. baseline     backbone features of every image; K-means on them (the "MoCo-v2 +
+                K-means" row of metrics.json)
+4. init         prototype initialisation of both heads (``init.py``)  -> ``init.pt``
+5. train        CDC (``cdc.train_cdc``, checkpoints in ``cdc.ckpt``) or RUC
+                (``ruc.train_ruc``, checkpoints in ``ruc.ckpt``)
+6. evaluate     both heads over the data (``evaluation.py``), OOD thresholds
+                (``cdc_serve.ood.fit_ood``)
+7. save         ``model.pth`` (``checkpoint.save_model``), ``metrics.json`` and
+                ``train_log.json`` (timings, per-epoch history, metrics right after init)
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cdc_serve import CDCError
+from cdc_serve_training.checkpoint import arch_of, atomic_save, safe_load, save_model
+from cdc_serve_training.config import TrainConfig, validate, validate_against_data
+from cdc_serve_training.evaluation import (
+    backbone_features,
+    head_metrics,
+    infer,
+    kmeans_baseline,
+    kmeans_clustering,
+    metrics_json,
+)
+from cdc_serve_training.heads import ClusteringModel
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA if available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CDCError(f"device {name!r} requested but no CUDA GPU is available")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _log(message: str, progress: bool) -> None:
+    if progress:
+        print(message, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stages
+# ----------------------------------------------------------------------------------------------
+
+
+def load_data(config: TrainConfig):
+    """Stage 1: the images, checked against the configuration."""
+    from cdc_serve_training.data import load_dataset
+
+    d = config.data
+    data = load_dataset(d.name, d.root, d.split, d.download, d.limit, config.seed)
+    validate_against_data(config, len(data), data.num_classes)
+    return data
+
+
+def pretrained_backbone(
+    config: TrainConfig, data, augmenter, device: torch.device, resume: bool
+) -> torch.nn.Module:
+    """Stage 2: MoCo-v2 pretraining, or ``backbone.pt`` from an earlier run when resuming."""
+    from cdc_serve_training.backbones import build_backbone
+    from cdc_serve_training.moco import pretrain_moco
+
+    out = Path(config.out)
+    torch.manual_seed(config.seed)
+    backbone = build_backbone(config.backbone, data.channels, data.size)
+    done = out / "backbone.pt"
+    if resume and done.exists():
+        state = safe_load(done)
+        if state.get("backbone") != config.backbone:
+            raise CDCError(f"{done} holds a {state.get('backbone')} backbone, not {config.backbone}")
+        backbone.load_state_dict(state["state_dict"])
+        _log(f"pretrain: reusing {done}", config.progress)
+        return backbone.to(device).eval()
+    if config.moco.epochs > 0:
+        backbone = pretrain_moco(
+            backbone,
+            data,
+            augmenter,
+            config.moco,
+            device,
+            seed=config.seed,
+            checkpoint_path=out / "pretrain.ckpt",
+            resume=resume,
+            progress=config.progress,
+            amp=config.amp and device.type == "cuda",
+        )
+    atomic_save(
+        {"backbone": config.backbone, "epochs": config.moco.epochs, "state_dict": backbone.state_dict()},
+        done,
+    )
+    return backbone.to(device).eval()
+
+
+def initialised_model(
+    config: TrainConfig, backbone: torch.nn.Module, features: torch.Tensor, num_classes: int,
+    resume: bool,
+) -> ClusteringModel:
+    """Stage 4: both heads initialised (prototypes or random), or ``init.pt`` when resuming."""
+    from cdc_serve_training.init import init_heads
+
+    out = Path(config.out)
+    model = ClusteringModel(backbone, config.init.hidden, num_classes).to(features.device)
+    done = out / "init.pt"
+    if resume and done.exists():
+        model.load_state_dict(safe_load(done, map_location=features.device)["state_dict"])
+        return model
+    init_heads(
+        model,
+        features,
+        method=config.cdc.init,
+        hidden=config.init.hidden,
+        ortho_steps=config.init.ortho_steps,
+        ortho_lr=config.init.ortho_lr,
+        kmeans_iters=config.init.kmeans_iters,
+        seed=config.seed,
+    )
+    atomic_save({"epoch": 0, "state_dict": model.state_dict()}, done)
+    return model
+
+
+def _init_metrics(model: ClusteringModel, features: torch.Tensor, labels) -> dict | None:
+    """Metrics of the clustering head right after initialisation (Table 2-I rows)."""
+    if labels is None:
+        return None
+    model.eval()
+    with torch.no_grad():
+        probs = torch.softmax(model.clu_head(features).float(), dim=1)
+    return head_metrics(labels, probs)
+
+
+def _ruc_pseudo_labels(config: TrainConfig, data, features: torch.Tensor, device):
+    """RUC's starting point: (labels, confidences) from K-means, a CDC model.pth or a labels file."""
+    source = config.init_from or "kmeans"
+    if source == "kmeans":
+        labels, probs = kmeans_clustering(features, data.num_classes, seed=config.seed)
+        return labels.cpu(), probs.max(dim=1).values.cpu()
+    path = Path(source)
+    if not path.is_file():
+        raise CDCError(f"--init-from {source!r}: use kmeans, a model.pth or a labels .npy/.csv file")
+    if path.suffix == ".pth":
+        from cdc_serve_training.checkpoint import load_model
+
+        model, _ = load_model(path)
+        probs = torch.from_numpy(infer(model, data, device, config.eval_batch_size)["cal_probs"])
+        confidence, labels = probs.max(dim=1)
+        return labels, confidence
+    if path.suffix == ".npy":
+        labels = np.load(path, allow_pickle=False)
+    elif path.suffix == ".csv":
+        labels = np.loadtxt(path, delimiter=",", dtype=np.int64, ndmin=2)[:, -1]
+    else:
+        raise CDCError(f"--init-from {path}: expected a .pth, .npy or .csv file")
+    labels = torch.as_tensor(np.asarray(labels).astype(np.int64).ravel())
+    if labels.shape[0] != len(data):
+        raise CDCError(f"--init-from {path}: {labels.shape[0]} labels for {len(data)} images")
+    return labels, None
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------
+
+
+def train(config: TrainConfig, resume: bool = False) -> Path:
+    """Run every stage; returns the path of ``model.pth`` (``metrics.json`` lies beside it)."""
+    from cdc_serve_training.augment import Augmenter
+
+    config = validate(config)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(config.device)
+    amp = config.amp and device.type == "cuda"
+    seed_everything(config.seed)
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[stage] = round(now - clock, 2)
+        clock = now
+
+    data = load_data(config)
+    lap("data")
+    _log(f"{data.name}: {len(data)} images, {data.num_classes} classes, device {device}", config.progress)
+    augmenter = Augmenter(data.size, data.mean, data.std)
+
+    backbone = pretrained_backbone(config, data, augmenter, device, resume)
+    lap("pretrain")
+    features = backbone_features(backbone, data, device, config.eval_batch_size)
+    kmeans_row = (
+        kmeans_baseline(features, data.labels, data.num_classes, seed=config.seed)
+        if data.labels is not None
+        else None
+    )
+    lap("kmeans")
+    if kmeans_row:
+        _log(f"K-means on the backbone features: acc {kmeans_row['acc']:.4f}", config.progress)
+
+    log: dict = {"config": config.to_dict(), "device": str(device)}
+    if config.method == "cdc":
+        from cdc_serve_training.cdc import train_cdc
+
+        model = initialised_model(config, backbone, features, data.num_classes, resume)
+        log["init_metrics"] = _init_metrics(model, features, data.labels)
+        lap("init")
+        log["history"] = train_cdc(
+            model,
+            data,
+            augmenter,
+            config.cdc,
+            device,
+            seed=config.seed,
+            checkpoint_path=out / "cdc.ckpt",
+            resume=resume,
+            progress=config.progress,
+            amp=amp,
+        )
+        lap("cdc")
+    else:
+        from cdc_serve_training.ruc import train_ruc
+
+        labels, confidences = _ruc_pseudo_labels(config, data, features, device)
+        lap("init")
+        model, log["ruc_report"] = train_ruc(
+            backbone,
+            data,
+            labels,
+            confidences,
+            features.cpu(),
+            augmenter,
+            config.ruc,
+            device,
+            num_classes=data.num_classes,
+            seed=config.seed,
+            progress=config.progress,
+            hidden_dim=config.ruc.hidden_dim,
+            checkpoint_path=out / "ruc.ckpt",
+            resume=resume,
+        )
+        lap("ruc")
+
+    result = infer(model, data, device, config.eval_batch_size)
+    if data.labels is not None:
+        metrics = metrics_json(
+            data.name,
+            config.data.split,
+            len(data),
+            kmeans_row,
+            head_metrics(data.labels, result["clu_probs"]),
+            head_metrics(data.labels, result["cal_probs"]),
+        )
+    else:
+        metrics = {"dataset": data.name, "split": config.data.split, "n": len(data), "heads": {}}
+    from cdc_serve.ood import fit_ood
+
+    ood = fit_ood(result["features"], result["cal_probs"])
+    lap("evaluate")
+
+    model_path = save_model(
+        out / "model.pth",
+        model.cpu(),
+        method=config.method,
+        arch=arch_of(model, config.backbone, data.channels, data.size),
+        preprocess=data.preprocess(),
+        config=config.to_dict(),
+        dataset=data.name,
+        metrics=metrics,
+        ood=ood,
+    )
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    lap("save")
+    log["timings_s"] = timings
+    log["total_s"] = round(sum(timings.values()), 2)
+    (out / "train_log.json").write_text(json.dumps(log, indent=2, default=str) + "\n")
+    print_summary(metrics, timings)
+    return model_path
+
+
+def print_summary(metrics: dict, timings: dict[str, float]) -> None:
+    """A short table of the heads' metrics (percent) and the time per stage."""
+    from rich.console import Console
+    from rich.table import Table
+
+    keys = ("acc", "nmi", "ari", "ece", "auroc", "aurc", "fpr95")
+    table = Table(title=f"{metrics['dataset']} ({metrics['split']}, n={metrics['n']}), percent")
+    table.add_column("head")
+    for key in keys:
+        table.add_column(key, justify="right")
+    for head, values in metrics.get("heads", {}).items():
+        table.add_row(head, *(f"{100 * values[k]:.2f}" if k in values else "-" for k in keys))
+    console = Console(stderr=True)
+    console.print(table)
+    console.print(
+        "time: "
+        + ", ".join(f"{stage} {seconds:.0f}s" for stage, seconds in timings.items())
+        + f" (total {sum(timings.values()):.0f}s)"
+    )
