@@ -204,49 +204,44 @@ def versions() -> dict[str, str]:
     return out
 
 
-def peak_matmul_gflops(device: str, settings: BenchSettings) -> dict[str, float]:
-    """The machine's measured float32 matrix-product rate, GFLOP/s (2 n^3 per product).
+def matmul_contenders(settings: BenchSettings) -> tuple[dict[str, Work], float]:
+    """Large float32 matrix products with torch and numpy (all usable cores) and their FLOP.
 
-    On CPU both torch and numpy (each with all usable cores) are measured and each is
-    reported; on CUDA torch with TF32 disabled (true float32).
+    They are timed in the same alternating rounds as the contenders whose fraction of
+    the peak is reported, so that background load lowers both alike. A contender's
+    throughput x the returned FLOP per product is the measured GFLOP/s x 1e9.
     """
     import numpy as np
     import torch
 
-    n = 2048 if settings.quick else 4096
-    flop = 2.0 * n**3
-    out: dict[str, float] = {}
-    if device == "cuda":
-        n = 4096 if settings.quick else 8192
-        flop = 2.0 * n**3
-        tf32 = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False
-        try:
-            a = torch.randn(n, n, device="cuda")
-            b = torch.randn(n, n, device="cuda")
-            m = interleaved(
-                {"torch": repeat(lambda: torch.mm(a, b))},
-                settings,
-                sync=torch.cuda.synchronize,
-            )
-            out["torch (cuda, fp32, no TF32)"] = m["torch"].throughput * flop / 1e9
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = tf32
-        return out
-    torch.set_num_threads(cpu_cores())
-    a_t, b_t = torch.randn(n, n), torch.randn(n, n)
-    a_n, b_n = a_t.numpy().copy(), b_t.numpy().copy()
-    m = interleaved(
-        {
-            "torch": repeat(lambda: torch.mm(a_t, b_t)),
-            "numpy": repeat(lambda: a_n @ b_n),
-        },
-        settings,
-        units={"torch": 2 if settings.quick else 4, "numpy": 2 if settings.quick else 4},
-    )
-    out["torch (cpu, fp32)"] = m["torch"].throughput * flop / 1e9
-    out["numpy (cpu, fp32)"] = m["numpy"].throughput * flop / 1e9
-    return out
+    n = 1024 if settings.quick else 2048
+    rng = np.random.default_rng(0)
+    a_n = rng.standard_normal((n, n), dtype=np.float32)
+    b_n = rng.standard_normal((n, n), dtype=np.float32)
+    a_t, b_t = torch.from_numpy(a_n.copy()), torch.from_numpy(b_n.copy())
+    contenders = {
+        "matmul_torch": repeat(lambda: torch.mm(a_t, b_t)),
+        "matmul_numpy": repeat(lambda: a_n @ b_n),
+    }
+    return contenders, 2.0 * n**3
+
+
+def cuda_peak_gflops(settings: BenchSettings) -> float:
+    """The GPU's measured float32 matrix-product rate, GFLOP/s (TF32 disabled: true float32)."""
+    import torch
+
+    n = 4096 if settings.quick else 8192
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        a = torch.randn(n, n, device="cuda")
+        b = torch.randn(n, n, device="cuda")
+        m = interleaved(
+            {"torch": repeat(lambda: torch.mm(a, b))}, settings, sync=torch.cuda.synchronize
+        )
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    return m["torch"].throughput * 2.0 * n**3 / 1e9
 
 
 # ----------------------------------------------------------------------------- Markdown

@@ -128,8 +128,8 @@ def open_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.I
                         f"limit {max_pixels:,})"
                     )
                 img.load()
-                img = ImageOps.exif_transpose(img) or img
-                return img.copy() if img.fp is not None else img
+                upright = ImageOps.exif_transpose(img)  # a new image, detached from the file
+                return upright if upright is not img else img.copy()
     except CDCError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

@@ -29,8 +29,6 @@ MAX_BATCH = 16
 BATCH_SIZES = (1, 7, MAX_BATCH)
 TOLERANCE = 1e-5
 
-server_test = [pytest.mark.slow, pytest.mark.triton]
-
 
 # ----------------------------------------------------------------------------- fixtures
 
@@ -41,7 +39,9 @@ def served(tmp_path_factory, triton_server):
     "tiny_batching" whose dynamic batcher waits 0.3 s so concurrent requests get merged."""
     repo = tmp_path_factory.mktemp("triton") / "repo"
     make_tiny_repository(repo, "tiny", max_batch=MAX_BATCH, seed=0, instance_kind="KIND_CPU")
-    latest = make_tiny_repository(repo, "tiny", max_batch=MAX_BATCH, seed=1, instance_kind="KIND_CPU")  # fmt: skip
+    latest = make_tiny_repository(
+        repo, "tiny", max_batch=MAX_BATCH, seed=1, instance_kind="KIND_CPU"
+    )
     batching = make_tiny_repository(
         repo,
         "tiny_batching",

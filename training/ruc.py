@@ -58,6 +58,7 @@ __all__ = [
     "STRATEGIES",
     "RUCConfig",
     "clean_set_quality",
+    "compare_strategies",
     "co_refine",
     "co_refurbish",
     "guess_unclean",
@@ -71,6 +72,7 @@ __all__ = [
     "select_clean",
     "sharpen",
     "soft_cross_entropy",
+    "strategies_markdown",
     "tau2_at",
     "train_ruc",
     "unsup_ramp",
@@ -870,3 +872,115 @@ def run_ruc_stage(
 
         report["pseudo_labels"] = evaluate_labels(data.labels.numpy(), labels.numpy())
     return model, report
+
+
+# =========================================================================== 7. strategy table
+
+
+def compare_strategies(
+    data,
+    backbone: nn.Module,
+    cfg: RUCConfig,
+    device: torch.device | str = "cpu",
+    *,
+    strategies: Sequence[str] = STRATEGIES,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[dict]:
+    """RUC on K-means pseudo-labels of ``backbone``'s features, once per clean-set strategy.
+
+    The paper's Table 1 (final ACC) and Table 3 (clean-set precision/recall/F1) on one
+    labelled data set, plus NMI, ARI and ECE of the final network's softmax. The first
+    row is the starting point: K-means with its Student-t soft assignment
+    (``evaluation.kmeans_clustering``). Returns one dict per row.
+    """
+    from .augment import Augmenter
+    from .evaluation import backbone_features, head_metrics, infer, kmeans_clustering
+
+    if data.labels is None:
+        raise CDCError("comparing strategies needs a labelled data set")
+    device = torch.device(device)
+    features = backbone_features(backbone, data, device, cfg.eval_batch_size).cpu()
+    labels, probs = kmeans_clustering(features, data.num_classes, seed=seed)
+    conf = probs.max(dim=1).values  # as pseudo_labels_from("kmeans", ...)
+    rows = [{"method": "K-means (Student-t soft assignment)", **head_metrics(data.labels, probs)}]
+    if cfg.clean_fraction is None:
+        cfg = replace(cfg, clean_fraction=KMEANS_CLEAN_FRACTION)
+    augmenter = Augmenter(data.size, data.mean, data.std)
+    for strategy in strategies:
+        model, report = train_ruc(
+            backbone, data, labels, conf, features, augmenter, replace(cfg, strategy=strategy),
+            device, num_classes=data.num_classes, seed=seed, progress=progress,
+        )  # fmt: skip
+        cal = infer(model, data, device, cfg.eval_batch_size)["cal_probs"]
+        rows.append(
+            {
+                "method": f"K-means + RUC ({strategy})",
+                "clean": report["selection"][strategy],
+                "clean_final": report["final_clean_set"],
+                **head_metrics(data.labels, cal),
+            }
+        )
+    return rows
+
+
+def strategies_markdown(rows: list[dict]) -> str:
+    """The rows of :func:`compare_strategies` as a Markdown table (percentages)."""
+    head = (
+        "| method | clean set | precision | recall | F1 | clean after refurbishing "
+        "| ACC | NMI | ARI | ECE |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+    )
+    lines = []
+    for r in rows:
+        c, f = r.get("clean"), r.get("clean_final")
+        clean = (
+            [f"{c['size']}", f"{100 * c['precision']:.1f}", f"{100 * c['recall']:.1f}",
+             f"{100 * c['f1']:.1f}", f"{f['size']} (P {100 * f['precision']:.1f})"]
+            if c else ["-"] * 5
+        )  # fmt: skip
+        metrics = [f"{100 * r[key]:.1f}" for key in ("acc", "nmi", "ari", "ece")]
+        lines.append("| " + " | ".join([r["method"], *clean, *metrics]) + " |")
+    return head + "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m cdc_serve_training.ruc --backbone-pt runs/X/backbone.pt``: the strategy table."""
+    import argparse
+    import json
+    import time
+
+    from .backbones import build_backbone
+    from .checkpoint import safe_load
+    from .data import load_dataset
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--backbone-pt", required=True, help="backbone.pt of a pipeline run")
+    parser.add_argument("--dataset", default="fashion-mnist")
+    parser.add_argument("--preset", choices=("quick", "paper"), default="quick")
+    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES))
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", default=None, help="also write the rows here")
+    args = parser.parse_args(argv)
+
+    start = time.perf_counter()
+    data = load_dataset(args.dataset, limit=args.limit, seed=args.seed)
+    state = safe_load(args.backbone_pt)
+    backbone = build_backbone(state["backbone"], data.channels, data.size)
+    backbone.load_state_dict(state["state_dict"])
+    cfg = replace(QUICK_RUC if args.preset == "quick" else RUCConfig())
+    if args.epochs:
+        cfg.epochs = args.epochs
+    rows = compare_strategies(
+        data, backbone, cfg, args.device, strategies=args.strategies, seed=args.seed
+    )
+    print(strategies_markdown(rows))
+    print(f"{len(data)} images, {time.perf_counter() - start:.0f} s in all")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
