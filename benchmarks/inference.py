@@ -50,6 +50,7 @@ CONCURRENCY = 4
 MODEL_NAME = "bench"
 GOAL_ORT = 1.5  # onnxruntime >= 1.5x PyTorch eager at batch 256 (CPU)
 GOAL_TRITON = 0.7  # Triton gRPC >= 0.7x in-process onnxruntime at the same total batch
+QUEUE_DELAY_US = 100  # the dynamic batcher's wait for more requests (config.pbtxt default)
 
 
 # ----------------------------------------------------------------------------- contenders
@@ -145,7 +146,9 @@ class TritonLoad:
 # ----------------------------------------------------------------------------- Triton
 
 
-def build_triton_repo(repo: Path, onnx_path: Path, embedding_dim: int) -> Path:
+def build_triton_repo(
+    repo: Path, onnx_path: Path, embedding_dim: int, queue_delay_us: int = QUEUE_DELAY_US
+) -> Path:
     """A model repository with the Python-backend model (what the pip ``tritonserver`` serves)."""
     from cdc_serve.triton import add_model_version, meta_parameters
 
@@ -170,6 +173,7 @@ def build_triton_repo(repo: Path, onnx_path: Path, embedding_dim: int) -> Path:
         backend="python",
         max_batch=max(BATCHES),
         instance_kind="KIND_CPU",
+        max_queue_delay_us=queue_delay_us,
         parameters=params,
     )
 

@@ -126,7 +126,7 @@ def evaluate(
             for name in s_in
         }
     path = out / "metrics.json"
-    path.write_text(json.dumps(report.to_json(), indent=2))
+    path.write_text(json.dumps(metrics.json_ready(report.to_json()), indent=2))
     report.files.insert(0, path)
     return report
 

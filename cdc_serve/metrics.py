@@ -522,3 +522,14 @@ def evaluate_probs(y_true: Any, probs: Any, n_bins: int = 15) -> dict[str, float
     out["aurc"] = aurc(correct, confidence)
     out["fpr95"] = fpr_at_95_tpr(correct, confidence)
     return out
+
+
+def json_ready(values):
+    """``values`` with every NaN float replaced by ``None`` (JSON has no NaN), recursively."""
+    if isinstance(values, dict):
+        return {k: json_ready(v) for k, v in values.items()}
+    if isinstance(values, (list, tuple)):
+        return [json_ready(v) for v in values]
+    if isinstance(values, float) and math.isnan(values):
+        return None
+    return values

@@ -81,12 +81,21 @@ class Item:
 
 
 def _walk_images(folder: Path) -> Iterator[Path]:
-    """Image files below ``folder``, recursively, in sorted order (one listing at a time)."""
-    for root, dirs, files in os.walk(folder):
-        dirs.sort()
-        for name in sorted(files):
-            if Path(name).suffix.lower() in IMAGE_SUFFIXES:
-                yield Path(root) / name
+    """Image files below ``folder``, recursively, in sorted path order.
+
+    Entries of each folder are sorted by name and sub-folders are entered at their place
+    in that order, so the result is sorted by path components; only one folder listing
+    is held per level.
+    """
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError:
+        return
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            yield from _walk_images(Path(entry.path))
+        elif Path(entry.name).suffix.lower() in IMAGE_SUFFIXES and entry.is_file():
+            yield Path(entry.path)
 
 
 def _array_items(path: Path, meta: Any) -> Iterator[Item]:

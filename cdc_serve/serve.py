@@ -158,8 +158,14 @@ def _assemble_backend_dir(dist: Path) -> Path:
     target = _cache_root() / "triton-backends" / f"py{version}-{key}"
     if (target / "python" / "triton_python_backend_stub").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=target.parent))
+    except OSError as exc:
+        raise CDCError(
+            f"cannot write the Triton backend folder under {target.parent} ({exc}); "
+            "set CDC_SERVE_CACHE to a writable folder"
+        ) from None
     try:
         (staging / "python").mkdir()
         for name, path in sources.items():
@@ -253,6 +259,11 @@ class TritonServer:
         self.repository = Path(repository).resolve()
         self.host = host
         self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
+        self._requested_ports = {
+            "http_port": http_port,
+            "grpc_port": grpc_port,
+            "metrics_port": metrics_port,
+        }
         self.startup_timeout = startup_timeout
         self.extra_args = tuple(extra_args)
         self.binary = binary
@@ -319,6 +330,12 @@ class TritonServer:
         if self.binary is None:
             self.binary = find_tritonserver()
         self._choose_ports()
+        self._launch()
+        return self
+
+    def _launch(self) -> None:
+        if self._finalizer is not None:  # a relaunch: the previous attempt has exited
+            self._finalizer()
         if self._log_path is None:
             self._own_log_dir = tempfile.TemporaryDirectory(prefix="cdc-serve-triton-")
             self._log_path = Path(self._own_log_dir.name) / "tritonserver.log"
@@ -335,12 +352,15 @@ class TritonServer:
             )
         # Never leave a server behind, even if the caller forgets stop().
         self._finalizer = weakref.finalize(self, _kill_group, self.process)
-        return self
 
     def _choose_ports(self) -> None:
         ports = {}
         for name in ("http_port", "grpc_port", "metrics_port"):
-            port = getattr(self, name)
+            port = self._requested_ports[name]
+            if not isinstance(port, int) or not 0 <= port <= 65535:
+                raise CDCError(
+                    f"{name.replace('_', ' ')} must be 0 (any free port) .. 65535, not {port!r}"
+                )
             if port == 0:
                 port = free_port(self.host)
                 while port in ports.values():
@@ -370,8 +390,15 @@ class TritonServer:
         if self.process is None:
             raise CDCError("the Triton server was not started")
         deadline = time.monotonic() + (self.startup_timeout if timeout is None else timeout)
+        port_retries = 3
         while True:
             code = self.process.poll()
+            if code is not None and port_retries and self._lost_port_race():
+                # A port picked as free was taken before the server bound it: pick again.
+                port_retries -= 1
+                self._choose_ports()
+                self._launch()
+                continue
             if code is not None:
                 raise CDCError(
                     f"tritonserver exited with status {code} before it was ready "
@@ -388,6 +415,10 @@ class TritonServer:
                     f"(repository {self.repository}); its log ends with:\n{tail}"
                 )
             time.sleep(0.1)
+
+    def _lost_port_race(self) -> bool:
+        auto = 0 in self._requested_ports.values()
+        return auto and "already in use" in self.log()
 
     def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM, then SIGKILL after ``timeout`` seconds; returns the exit status."""

@@ -86,13 +86,14 @@ def test_select_pseudo_labels_hand_made_batch():
 def test_select_pseudo_labels_adapts_per_class():
     # A confident class keeps more samples than an unsure one (class-wise dynamic threshold).
     probs = torch.tensor(
-        [[0.99, 0.01]] * 5 + [[0.01, 0.99]] * 1 + [[0.45, 0.55]] * 4,
+        [[0.99, 0.01], [0.98, 0.02], [0.97, 0.03], [0.96, 0.04], [0.95, 0.05]]  # rows 0-4
+        + [[0.01, 0.99], [0.45, 0.55], [0.44, 0.56], [0.43, 0.57], [0.42, 0.58]]  # rows 5-9
     )
-    index, labels = select_pseudo_labels(probs, 2)  # floor(10 / 2) = 5 per class
-    # class 0: five rows of .99 -> sum 4.95 -> M = 4; class 1: .99 + 4 x .55 = 3.19 -> M = 3
-    assert (labels == 0).sum().item() == 4
-    assert (labels == 1).sum().item() == 3
-    assert index.tolist() == [0, 1, 2, 3, 5, 6, 7]
+    index, labels = select_pseudo_labels(probs, 2)  # floor(10 / 2) = 5 candidates per class
+    # class 0: rows 0-4, .99 + .98 + .97 + .96 + .95 = 4.85 -> M = 4: rows 0-3
+    # class 1: rows 5, 9, 8, 7, 6, .99 + .58 + .57 + .56 + .55 = 3.25 -> M = 3: rows 5, 9, 8
+    assert index.tolist() == [0, 1, 2, 3, 5, 8, 9]
+    assert labels.tolist() == [0, 0, 0, 0, 1, 1, 1]
 
 
 def test_select_pseudo_labels_handles_float_round_off():

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import numpy as np
@@ -36,7 +37,7 @@ TOLERANCE = 1e-5
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, triton_server):
     """One server for the module: model "tiny" with versions 1 and 2 (2 is served), and
-    "tiny_batching" whose dynamic batcher waits 0.3 s so concurrent requests get merged."""
+    "tiny_batching" whose dynamic batcher waits up to 2 s so concurrent requests get merged."""
     repo = tmp_path_factory.mktemp("triton") / "repo"
     make_tiny_repository(repo, "tiny", max_batch=MAX_BATCH, seed=0, instance_kind="KIND_CPU")
     latest = make_tiny_repository(
@@ -48,7 +49,7 @@ def served(tmp_path_factory, triton_server):
         max_batch=MAX_BATCH,
         seed=2,
         instance_kind="KIND_CPU",
-        max_queue_delay_us=300_000,
+        max_queue_delay_us=2_000_000,
     )
     server = triton_server(repo)
     yield {
@@ -212,7 +213,8 @@ def test_concurrent_requests_are_batched_and_split_back(served):
     for x, probs in results:
         np.testing.assert_allclose(probs, reference(served["tiny_batching"], x)[0], atol=TOLERANCE)
     assert inferences_after - inferences_before == sum(sizes)
-    # The batcher waits up to 0.3 s for more requests: six concurrent ones need fewer runs.
+    # The batcher waits up to 2 s for more requests (16 rows fill a batch at once):
+    # six concurrent requests need fewer runs than six.
     assert executions_after - executions_before < len(sizes)
 
 
@@ -365,3 +367,27 @@ def test_cli_serve_runs_until_signalled(tmp_path, triton_binary, stop_signal):
     assert process.returncode == 0, output + rest
     assert "stopped" in rest
     assert not reachable("127.0.0.1", http_port), "the server outlived cdc-serve serve"
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+def test_lost_port_race_is_retried(tmp_path, triton_binary, monkeypatch):
+    """An automatically chosen port taken before Triton binds it: the server retries."""
+    import cdc_serve.serve as serve_module
+
+    make_tiny_repository(tmp_path / "repo", "tiny", instance_kind="KIND_CPU")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        handed_out = []
+
+        def first_a_taken_port(host="127.0.0.1"):
+            port = taken if not handed_out else free_port(host)
+            handed_out.append(port)
+            return port
+
+        monkeypatch.setattr(serve_module, "free_port", first_a_taken_port)
+        with TritonServer(tmp_path / "repo", binary=triton_binary) as server:
+            assert handed_out[0] == taken and server.http_port != taken
+            assert server.is_ready()

@@ -1,0 +1,212 @@
+"""Client and predict against a real Triton server (python backend): parity and restarts.
+
+The server is the real ``tritonserver`` (the nvidia-pytriton binary or one on PATH),
+started by the ``triton_server`` fixture of conftest.py on loopback ports.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import threading
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cdc_serve import CDCError
+from cdc_serve.client import META_PARAMETER, Client
+from cdc_serve.modelmeta import find_model
+from cdc_serve.predict import predict
+from cdc_serve.triton import add_model_version, meta_parameters
+from conftest import make_tiny_onnx
+from tiny_export import EMBEDDING_DIM, NUM_CLASSES, fitted_ood, tiny_modelmeta
+
+pytestmark = [pytest.mark.slow, pytest.mark.triton]
+
+MAX_BATCH = 16
+
+
+def build_repository(root: Path, with_full_meta: bool) -> Path:
+    """A Triton repository with the tiny model (python backend) and its local copy."""
+    onnx_path = make_tiny_onnx(root / "src" / "model.onnx", num_classes=NUM_CLASSES,
+                               embedding_dim=EMBEDDING_DIM, seed=7)  # fmt: skip
+    meta = tiny_modelmeta()
+    meta.ood = fitted_ood(onnx_path, meta)
+    params = meta_parameters(meta.to_dict())
+    if with_full_meta:
+        params[META_PARAMETER] = meta.to_json()
+    add_model_version(root / "repo", "cdc", onnx_path, meta.to_dict(), "python", MAX_BATCH,
+                      parameters=params)  # fmt: skip
+    return root / "repo"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, triton_server):
+    repo = build_repository(tmp_path_factory.mktemp("triton"), with_full_meta=True)
+    server = triton_server(repo)
+    yield repo, server
+    server.stop()
+
+
+def images(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, 8, 8)).astype(np.uint8)
+
+
+def test_local_http_grpc_give_identical_results(served):
+    repo, server = served
+    batch = images(100, seed=1)  # more than one max batch: requests are split and sent concurrently
+    results = {}
+    with Client(model=repo / "cdc") as local:
+        results["local"] = local.predict(batch, return_probs=True)
+        local_meta = local.meta
+    for backend, url in (("http", server.http_url), ("grpc", server.grpc_url)):
+        with Client(url=url, backend=backend, model_name="cdc", concurrency=4) as remote:
+            assert remote.meta.ood == local_meta.ood  # the full metadata came from the server
+            assert remote.batch_size == MAX_BATCH
+            results[backend] = remote.predict(batch, return_probs=True)
+    ref = results["local"]
+    for backend in ("http", "grpc"):
+        got = results[backend]
+        assert [p.cluster_id for p in got] == [p.cluster_id for p in ref]
+        np.testing.assert_allclose([p.confidence for p in got], [p.confidence for p in ref], atol=1e-5)
+        np.testing.assert_allclose([p.probs for p in got], [p.probs for p in ref], atol=1e-5)
+        np.testing.assert_allclose([p.ood_score for p in got], [p.ood_score for p in ref],
+                                   rtol=1e-4, atol=1e-5)  # fmt: skip
+        assert [p.ood for p in got] == [p.ood for p in ref]
+        assert [p.rejected for p in got] == [p.rejected for p in ref]
+
+
+def test_predict_over_both_protocols_matches_local(served, tmp_path):
+    repo, server = served
+    np.save(tmp_path / "x.npy", images(70, seed=2))
+    outputs = {}
+    for name, kwargs in (
+        ("local", {"model": repo / "cdc"}),
+        ("http", {"url": server.http_url, "protocol": "http"}),
+        ("grpc", {"url": server.grpc_url, "protocol": "grpc"}),
+    ):
+        out = tmp_path / f"{name}.csv"
+        predict([tmp_path / "x.npy"], output=out, batch_size=8, **kwargs)
+        with open(out, newline="") as f:
+            outputs[name] = list(csv.DictReader(f))
+    for name in ("http", "grpc"):
+        assert [r["cluster_id"] for r in outputs[name]] == [r["cluster_id"] for r in outputs["local"]]
+        diff = [abs(float(a["confidence"]) - float(b["confidence"]))
+                for a, b in zip(outputs[name], outputs["local"], strict=True)]  # fmt: skip
+        assert max(diff) <= 1e-5
+
+
+def test_metadata_without_the_full_parameter(tmp_path, triton_server):
+    """Only the per-field parameters: predictions still match, OOD falls back to msp."""
+    repo = build_repository(tmp_path, with_full_meta=False)
+    server = triton_server(repo)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            remote = Client(url=server.http_url, model_name="cdc")
+        assert any("no OOD parameters" in str(w.message) for w in caught)
+        with remote, Client(model=repo / "cdc") as local:
+            assert remote.meta.input_size == local.meta.input_size and remote.ood.name == "msp"
+            batch = images(20, seed=3)
+            assert [p.cluster_id for p in remote.predict(batch)] == [p.cluster_id for p in local.predict(batch)]
+        # A local copy of the metadata restores the fitted OOD score.
+        _, meta = find_model(repo / "cdc")
+        with Client(url=server.grpc_url, backend="grpc", meta=meta) as remote:
+            assert remote.ood.name == meta.ood["default"]
+    finally:
+        server.stop()
+
+
+def test_unknown_model_is_a_clear_error(served):
+    _, server = served
+    with pytest.raises(CDCError, match="model 'nope'.*not ready.*cdc"):
+        Client(url=server.http_url, model_name="nope")
+
+
+def _restart_later(server, delay: float, started: list) -> threading.Thread:
+    """Start a fresh server on the same ports after ``delay`` seconds (in a thread)."""
+    from cdc_serve.serve import TritonServer
+
+    def run() -> None:
+        threading.Event().wait(delay)
+        again = TritonServer(server.repository, http_port=server.http_port,
+                             grpc_port=server.grpc_port, metrics_port=server.metrics_port,
+                             binary=server.binary)  # fmt: skip
+        started.append(again)
+        again.start()
+        again.wait_ready()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def _sources(path: Path) -> list[str]:
+    with open(path, newline="") as f:
+        return [r["source"] for r in csv.DictReader(f)]
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_server_restart_mid_run_loses_no_row(tmp_path, triton_server, protocol):
+    """The server stops after the first chunk and comes back: the run retries and finishes."""
+    repo = build_repository(tmp_path, with_full_meta=True)
+    server = triton_server(repo)
+    n = 3000
+    np.save(tmp_path / "x.npy", images(n, seed=4))
+    out = tmp_path / "p.csv"
+    started: list = []
+    threads: list[threading.Thread] = []
+
+    def stop_once(written: int) -> None:
+        if not threads:
+            server.stop()
+            threads.append(_restart_later(server, 1.0, started))
+
+    url = server.http_url if protocol == "http" else server.grpc_url
+    try:
+        summary = predict([tmp_path / "x.npy"], url=url, protocol=protocol, model_name="cdc",
+                          output=out, batch_size=MAX_BATCH, on_chunk=stop_once)  # fmt: skip
+        assert threads and started, "the server was never restarted"
+        assert summary.n == n and summary.n_errors == 0
+        assert _sources(out) == [f"{tmp_path / 'x.npy'}[{i}]" for i in range(n)]
+    finally:
+        for thread in threads:
+            thread.join(timeout=180)
+        for s in started:
+            s.stop()
+
+
+def test_server_down_stops_with_clear_error_then_resume_completes(tmp_path, triton_server):
+    repo = build_repository(tmp_path, with_full_meta=True)
+    server = triton_server(repo)
+    n = 3000
+    np.save(tmp_path / "x.npy", images(n, seed=5))
+    out = tmp_path / "p.csv"
+    partial = Path(f"{out}.partial")
+
+    def stop_after_two(written: int) -> None:
+        if written >= 2 * 4 * MAX_BATCH and server.process.poll() is None:
+            server.stop()
+
+    kwargs = {"url": server.http_url, "protocol": "http", "model_name": "cdc",
+              "output": out, "batch_size": MAX_BATCH}  # fmt: skip
+    with pytest.raises(CDCError, match=r"failed .* times.*rows are kept in .*p\.csv\.partial.*--resume"):
+        predict([tmp_path / "x.npy"], on_chunk=stop_after_two, retries=2, **kwargs)
+    assert not out.exists() and 0 < len(_sources(partial)) < n
+
+    from cdc_serve.serve import TritonServer
+
+    again = TritonServer(repo, http_port=server.http_port, grpc_port=server.grpc_port,
+                         metrics_port=server.metrics_port, binary=server.binary)  # fmt: skip
+    again.start().wait_ready()
+    try:
+        summary = predict([tmp_path / "x.npy"], resume=True, **kwargs)
+    finally:
+        again.stop()
+    assert summary.n == n and summary.n_resumed > 0 and summary.n_errors == 0
+    assert _sources(out) == [f"{tmp_path / 'x.npy'}[{i}]" for i in range(n)]
+    with open(out, newline="") as f:
+        assert all(r["cluster_id"] != "" for r in csv.DictReader(f))
+    assert json.loads(json.dumps(summary.to_dict()))["n"] == n

@@ -1,0 +1,174 @@
+"""``make_config`` validation, bad input before training, and a small end-to-end run."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from cdc_serve import CDCError
+from cdc_serve_training.config import ABLATIONS, make_config
+from cdc_serve_training.pipeline import train
+
+
+def _config(tmp_path, **kwargs):
+    base = {"preset": "quick", "dataset": "digits", "out": str(tmp_path / "run")}
+    base.update(kwargs)
+    return make_config(**base)
+
+
+# ---------------------------------------------------------------------------- make_config
+
+
+def test_quick_preset_is_valid(tmp_path):
+    config = _config(tmp_path)
+    assert config.backbone == "smallcnn"
+    assert config.cdc.batch_size % config.cdc.sub_batch_size == 0
+    assert config.cdc.mini_clusters <= config.cdc.batch_size
+    paper = _config(tmp_path, preset="paper")
+    assert paper.backbone == "resnet34" and paper.moco.epochs == 1000 and paper.cdc.epochs == 100
+    assert (paper.cdc.batch_size, paper.cdc.sub_batch_size, paper.cdc.mini_clusters) == (1000, 500, 500)
+    assert json.dumps(config.to_dict())  # plain, JSON-able
+
+
+@pytest.mark.parametrize("name", sorted(ABLATIONS))
+def test_every_ablation_builds(tmp_path, name):
+    config = _config(tmp_path, ablation=name)
+    assert config.ablation == name
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"dataset": "mnist-please"}, "unknown dataset 'mnist-please'.*fashion-mnist"),
+        ({"preset": "huge"}, "unknown preset"),
+        ({"ablation": "no-such-thing"}, "unknown ablation"),
+        ({"method": "dec"}, "unknown method"),
+        ({"split": "validation"}, "unknown split"),
+        ({"backbone": "vgg"}, "unknown backbone"),
+        ({"device": "tpu"}, "unknown device"),
+        ({"limit": 0}, "positive"),
+    ],
+)
+def test_bad_settings(tmp_path, kwargs, message):
+    with pytest.raises(CDCError, match=message):
+        _config(tmp_path, **kwargs)
+
+
+def test_batch_size_not_divisible_by_sub_batch(tmp_path):
+    from cdc_serve_training.config import validate
+
+    config = _config(tmp_path)
+    config.cdc.batch_size, config.cdc.sub_batch_size = 1000, 300
+    with pytest.raises(CDCError, match="B=1000 is not divisible by the sub-batch size B_s=300"):
+        validate(config)
+
+
+def test_more_mini_clusters_than_batch(tmp_path):
+    from cdc_serve_training.config import validate
+
+    config = _config(tmp_path)
+    config.cdc.mini_clusters = config.cdc.batch_size + 1
+    with pytest.raises(CDCError, match="mini-clusters K="):
+        validate(config)
+
+
+# ---------------------------------------------------------------------------- bad data: before training
+
+
+def _nothing_trained(out):
+    return not any(out.glob("*.ckpt")) and not (out / "backbone.pt").exists()
+
+
+def test_data_root_without_files(tmp_path):
+    config = _config(tmp_path, dataset="fashion-mnist", data_root=str(tmp_path / "empty"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CDCError) as info:
+        train(config)
+    assert "fashion-mnist" in str(info.value) and str(tmp_path / "empty") in str(info.value)
+    assert _nothing_trained(tmp_path / "run")
+
+
+def _write_idx(path, array: np.ndarray, corrupt: bool = False):
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + b"".join(
+        struct.pack(">I", d) for d in array.shape
+    )
+    body = array.astype(np.uint8).tobytes()
+    if corrupt:
+        body = body[: len(body) // 3]  # truncated payload
+    with gzip.open(path, "wb") as f:
+        f.write(header + body)
+
+
+def test_corrupt_idx_files(tmp_path):
+    root = tmp_path / "fmnist"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 60), ("t10k", 10)):
+        _write_idx(root / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 255, (n, 28, 28)), corrupt=True)
+        _write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, (n,)))
+    config = _config(tmp_path, dataset="fashion-mnist", data_root=str(root))
+    with pytest.raises(CDCError):
+        train(config)
+    assert _nothing_trained(tmp_path / "run")
+
+
+def test_more_classes_than_images(tmp_path):
+    config = _config(tmp_path, limit=6)  # digits has 10 classes
+    with pytest.raises(CDCError, match="10 clusters requested but the data has only 6 images"):
+        train(config)
+    assert _nothing_trained(tmp_path / "run")
+
+
+def test_batch_larger_than_data(tmp_path):
+    config = _config(tmp_path, limit=300)
+    config.cdc.batch_size, config.cdc.sub_batch_size, config.cdc.mini_clusters = 1000, 500, 100
+    with pytest.raises(CDCError, match="batch size B=1000 is larger than the data"):
+        train(config)
+    assert _nothing_trained(tmp_path / "run")
+
+
+# ---------------------------------------------------------------------------- end to end
+
+
+def _tiny_run(tmp_path, **kwargs):
+    config = _config(tmp_path, limit=600, pretrain_epochs=1, epochs=2, **kwargs)
+    config.progress = False
+    config.init.ortho_steps = 20
+    config.moco.queue_size = 512
+    return config
+
+
+@pytest.mark.slow
+def test_end_to_end_on_digits(tmp_path):
+    from cdc_serve_training.checkpoint import load_model
+
+    config = _tiny_run(tmp_path)
+    model_path = train(config)
+    assert model_path == tmp_path / "run" / "model.pth"
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["dataset"] == "digits" and metrics["split"] == "all" and metrics["n"] == 600
+    assert set(metrics["heads"]) == {"kmeans", "clu", "cal"}
+    assert set(metrics["heads"]["kmeans"]) == {"acc", "nmi", "ari", "ece"}
+    for head in ("clu", "cal"):
+        assert set(metrics["heads"][head]) == {"acc", "nmi", "ari", "ece", "auroc", "aurc", "fpr95"}
+    for values in metrics["heads"].values():
+        assert all(0.0 <= v <= 1.0 for v in values.values())
+    # digits are easy: every head clusters far above chance (10 %)
+    assert metrics["heads"]["cal"]["acc"] > 0.3
+
+    model, info = load_model(model_path)
+    assert info["method"] == "cdc" and info["dataset"] == "digits"
+    assert info["arch"]["num_classes"] == 10 and info["preprocess"]["channels"] == 1
+    assert info["metrics"] == metrics and info["ood"]
+    assert info["config"]["cdc"]["epochs"] == 2
+
+    # resume: every stage is already done, the result is the same model
+    again = train(config, resume=True)
+    model2, _ = load_model(again)
+    for (name, a), (_, b) in zip(model.state_dict().items(), model2.state_dict().items()):
+        assert torch.equal(a, b), name

@@ -1,0 +1,73 @@
+"""Test helper: a tiny exported model (ONNX without torch + a real ModelMeta with fitted OOD).
+
+Used by test_client.py, test_predict.py and test_client_triton.py. The graph is the one
+from conftest.make_tiny_onnx (Flatten -> MatMul -> Add = embedding -> MatMul -> Add ->
+Softmax = probs); :func:`reference_outputs` recomputes it in numpy from the weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from cdc_serve.modelmeta import META_FILE, ModelMeta
+from cdc_serve.ood import fit_ood
+from cdc_serve.preprocess import normalise
+from conftest import make_tiny_onnx
+
+NUM_CLASSES = 5
+EMBEDDING_DIM = 6
+
+
+def tiny_modelmeta(channels: int = 1, size: tuple[int, int] = (8, 8), ood: dict | None = None) -> ModelMeta:
+    return ModelMeta(
+        name="tiny",
+        num_classes=NUM_CLASSES,
+        channels=channels,
+        input_size=size,
+        mean=[0.5] * channels,
+        std=[0.25] * channels,
+        embedding_dim=EMBEDDING_DIM,
+        ood=ood or {},
+        dataset="synthetic",
+    )
+
+
+def reference_outputs(onnx_path: Path, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The tiny graph computed in numpy (float64) from its initialisers."""
+    import onnx
+    from onnx import numpy_helper
+
+    weights = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in onnx.load(str(onnx_path)).graph.initializer}
+    emb = x.reshape(len(x), -1).astype(np.float64) @ weights["w_embed"] + weights["b_embed"]
+    logits = emb @ weights["w_cls"] + weights["b_cls"]
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True), emb
+
+
+def fitted_ood(onnx_path: Path, meta: ModelMeta, seed: int = 0) -> dict:
+    """OOD parameters fitted on random in-distribution images (uniform noise)."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (400, meta.channels, *meta.input_size)).astype(np.uint8)
+    probs, emb = reference_outputs(onnx_path, normalise(images, meta))
+    return fit_ood(emb, probs, knn_bank=100)
+
+
+def make_exported_model(
+    root: Path, channels: int = 1, size: tuple[int, int] = (8, 8), seed: int = 0, version: int = 1
+) -> Path:
+    """Write ``root/tiny/<version>/{model.onnx, cdc_meta.json}``; returns ``root/tiny``."""
+    version_dir = Path(root) / "tiny" / str(version)
+    onnx_path = make_tiny_onnx(
+        version_dir / "model.onnx",
+        num_classes=NUM_CLASSES,
+        input_chw=(channels, *size),
+        embedding_dim=EMBEDDING_DIM,
+        seed=seed,
+    )
+    meta = tiny_modelmeta(channels, size)
+    meta.ood = fitted_ood(onnx_path, meta, seed)
+    meta.version = version
+    meta.write(version_dir / META_FILE)
+    return version_dir.parent
