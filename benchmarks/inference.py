@@ -38,9 +38,9 @@ from benchmarks.common import (
     fmt_rate,
     fmt_ratio,
     interleaved,
+    matmul_contenders,
     md_table,
     met,
-    matmul_contenders,
     repeat,
 )
 from benchmarks.model import CHANNELS, NUM_CLASSES, SIZE, build_model, count_flops, quick_preset
@@ -122,7 +122,9 @@ class TritonLoad:
                 client = tc.InferenceServerClient(self.url, concurrency=1)
                 inp = tc.InferInput("input", list(self.batch.shape), "FP32")
                 inp.set_data_from_numpy(self.batch, binary_data=True)
-                outs = [tc.InferRequestedOutput(n, binary_data=True) for n in ("probs", "embedding")]
+                outs = [
+                    tc.InferRequestedOutput(n, binary_data=True) for n in ("probs", "embedding")
+                ]
             self.local.client, self.local.inputs, self.local.outputs = client, [inp], outs
         return self.local
 
@@ -204,7 +206,9 @@ def run(settings: BenchSettings, *, triton: bool = True) -> Section:
     model = build_model(sizes).eval()
     inference = CalibratedInference(model).eval()
     rng = np.random.default_rng(0)
-    batches = {b: rng.standard_normal((b, CHANNELS, SIZE, SIZE)).astype(np.float32) for b in BATCHES}
+    batches = {
+        b: rng.standard_normal((b, CHANNELS, SIZE, SIZE)).astype(np.float32) for b in BATCHES
+    }
     flops_per_image = count_flops(inference, torch.from_numpy(batches[1]))
     notes: list[str] = []
     labels = {
@@ -225,7 +229,9 @@ def run(settings: BenchSettings, *, triton: bool = True) -> Section:
         # the exported graph must agree with PyTorch before its speed means anything
         with torch.inference_mode():
             ref = inference(torch.from_numpy(batches[32]))[0].numpy()
-        diff = float(np.abs(sessions["tuned"].run(["probs"], {"input": batches[32]})[0] - ref).max())
+        diff = float(
+            np.abs(sessions["tuned"].run(["probs"], {"input": batches[32]})[0] - ref).max()
+        )
         data["ort_max_abs_diff"] = diff
 
         matmuls, matmul_flop = matmul_contenders(settings)
@@ -325,7 +331,11 @@ def _check_triton(load: TritonLoad, session, batch: np.ndarray) -> None:
     result = load.pool.submit(load.infer_once).result()
     probs = result.as_numpy("probs")
     expected = session.run(["probs"], {"input": batch})[0]
-    if probs is None or probs.shape != expected.shape or not np.allclose(probs, expected, atol=1e-5):
+    if (
+        probs is None
+        or probs.shape != expected.shape
+        or not np.allclose(probs, expected, atol=1e-5)
+    ):
         raise RuntimeError("Triton's probs differ from in-process onnxruntime's")
 
 
@@ -338,10 +348,14 @@ def _section(settings, labels, results, data, notes) -> Section:
     flops_per_image = data["flops_per_image"]
     cpu_peak = max((v for k, v in peaks.items() if "cpu" in k), default=None)
     gpu_peak = max((v for k, v in peaks.items() if "cuda" in k), default=None)
-    headers = ["path"] + [f"batch {b} (img/s)" for b in BATCHES] + [
-        f"GFLOP/s at {big}",
-        "% of measured peak",
-    ]
+    headers = (
+        ["path"]
+        + [f"batch {b} (img/s)" for b in BATCHES]
+        + [
+            f"GFLOP/s at {big}",
+            "% of measured peak",
+        ]
+    )
     rows = []
     best_name, best_rate = None, 0.0
     for name, label in labels.items():
@@ -389,7 +403,9 @@ def _section(settings, labels, results, data, notes) -> Section:
             )
         )
     else:
-        goals.append((f"Triton gRPC >= {GOAL_TRITON}x in-process onnxruntime", "not measured", None))
+        goals.append(
+            (f"Triton gRPC >= {GOAL_TRITON}x in-process onnxruntime", "not measured", None)
+        )
 
     lines = [
         "## 1. Inference throughput of the exported model",

@@ -6,10 +6,15 @@ torch one on the GPU when there is one). The data imitate what CDC clusters: bac
 features of one batch (a mixture of 10 Gaussian classes, ReLU-ed like a network's
 output), L1-normalised per row as the reference does before its mini-cluster K-means.
 
-Both run Lloyd's algorithm, which stops early once no label changes; the table gives the
-iterations each ran (scikit-learn's ``n_iter_``; for torch, the smallest ``n_iter`` giving
-the same labels as the full run) and the clustering cost (inertia) each reached, so the
-speed ratio is read at equal work.
+Both run Lloyd's algorithm, which stops early once no label changes (the iteration that
+finds no change counts); the table gives the iterations each ran (scikit-learn's
+``n_iter_``; for torch, one more than the smallest ``n_iter`` whose labels equal the full
+run's, capped at the maximum) and the clustering cost (inertia) each reached, so the speed
+ratio is read at equal work.
+
+A second comparison includes the initialisation, as CDC's training step calls
+``kmeans(..., init="k-means++")`` on every batch: both libraries use the same greedy
+k-means++ (``2 + log K`` candidates per centre), from different random draws.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from benchmarks.common import (
     cpu_cores,
     fmt_ratio,
     interleaved,
+    matmul_contenders,
     md_table,
     met,
     repeat,
@@ -72,7 +78,7 @@ def run(settings: BenchSettings, sizes: tuple[int, int, int]) -> Section:
     sk = run_sklearn()
     t_centres, t_labels = run_torch(x_cpu, init)
     t_labels_np = t_labels.cpu().numpy()
-    t_iters = _iterations_used(lambda n: run_torch(x_cpu, init, n)[1].cpu().numpy(), t_labels_np)
+    t_iters = _iterations_run(lambda n: run_torch(x_cpu, init, n)[1].cpu().numpy(), t_labels_np)
     agree = float((t_labels_np == sk.labels_).mean())
 
     # Fixed units per round: one full K-means run each.
@@ -81,15 +87,24 @@ def run(settings: BenchSettings, sizes: tuple[int, int, int]) -> Section:
         "torch": repeat(lambda: run_torch(x_cpu, init)),
         "sklearn": repeat(run_sklearn),
         "torch_pp": repeat(
-            lambda: kmeans(x_cpu, k, n_iter=N_ITER, tol=0.0, generator=torch.Generator().manual_seed(1))
+            lambda: kmeans(
+                x_cpu, k, n_iter=N_ITER, tol=0.0, generator=torch.Generator().manual_seed(1)
+            )
         ),
         "sklearn_pp": repeat(
             lambda: KMeans(
-                n_clusters=k, init="k-means++", n_init=1, max_iter=N_ITER, tol=0.0,
-                algorithm="lloyd", random_state=1,
+                n_clusters=k,
+                init="k-means++",
+                n_init=1,
+                max_iter=N_ITER,
+                tol=0.0,
+                algorithm="lloyd",
+                random_state=1,
             ).fit(x_np)
         ),
     }
+    matmuls, matmul_flop = matmul_contenders(settings)
+    contenders.update(matmuls)
     m = interleaved(contenders, settings)
     data = {
         "sizes": {"B": b, "K": k, "D": d},
@@ -100,77 +115,110 @@ def run(settings: BenchSettings, sizes: tuple[int, int, int]) -> Section:
             "sklearn": float(sk.inertia_),
         },
         "label_agreement": agree,
-        "seconds": {name: mm.seconds for name, mm in m.items()},
+        "seconds": {name: mm.seconds for name, mm in m.items() if not name.startswith("matmul")},
     }
 
-    gpu = None
+    gpu = gpu_pp = None
     if settings.device == "cuda":
         x_gpu, init_gpu = x_cpu.cuda(), init.cuda()
+        gen_gpu = torch.Generator(device="cuda")
         torch.cuda.reset_peak_memory_stats()
         gm = interleaved(
-            {"torch_cuda": repeat(lambda: run_torch(x_gpu, init_gpu))},
+            {
+                "torch_cuda": repeat(lambda: run_torch(x_gpu, init_gpu)),
+                "torch_pp_cuda": repeat(
+                    lambda: kmeans(
+                        x_gpu, k, n_iter=N_ITER, tol=0.0, generator=gen_gpu.manual_seed(1)
+                    )
+                ),
+            },
             settings,
             sync=torch.cuda.synchronize,
         )
-        gpu = gm["torch_cuda"]
+        gpu, gpu_pp = gm["torch_cuda"], gm["torch_pp_cuda"]
         data["seconds"]["torch_cuda"] = gpu.seconds
+        data["seconds"]["torch_pp_cuda"] = gpu_pp.seconds
         data["peak_gpu_memory_mib"] = torch.cuda.max_memory_allocated() / 2**20
 
     ratio = m["sklearn"].seconds / m["torch"].seconds
-    goal_text = f"torch K-means >= {GOAL:g}x scikit-learn (B={b}, K={k}, D={d}, same init, CPU)"
-    goals = [(goal_text, fmt_ratio(ratio), ratio >= GOAL)]
-    data["speedup_cpu"] = ratio
+    ratio_pp = m["sklearn_pp"].seconds / m["torch_pp"].seconds
+    where = f"B={b}, K={k}, D={d}, CPU"
+    goals = [
+        (
+            f"torch K-means >= {GOAL:g}x scikit-learn, same initial centres ({where})",
+            fmt_ratio(ratio),
+            ratio >= GOAL,
+        ),
+        (
+            f"torch K-means >= {GOAL:g}x scikit-learn, each with its greedy k-means++ init ({where})",
+            fmt_ratio(ratio_pp),
+            ratio_pp >= GOAL,
+        ),
+    ]
+    data["speedup_cpu"] = {"same_init": ratio, "with_init": ratio_pp}
+    peak = max(m[name].throughput for name in ("matmul_torch", "matmul_numpy")) * matmul_flop
+    gemm_floor = (t_iters + 1) * 2.0 * b * k * d / peak  # one distance GEMM per assignment
+    data["gemm_floor_seconds"] = gemm_floor
+    data["peak_gflops"] = peak / 1e9
 
     def ms(x: float) -> str:
         return f"{1000 * x:.1f} ms"
 
+    def row(label, device, meas, iters, cost, base):
+        return [
+            label,
+            device,
+            ms(meas.seconds),
+            iters,
+            cost,
+            fmt_ratio(base.seconds / meas.seconds),
+        ]
+
+    sk_iters, sk_cost = data["iterations"]["sklearn"], f"{data['inertia']['sklearn']:.4g}"
+    t_cost = f"{data['inertia']['torch']:.4g}"
     rows = [
-        [
-            "scikit-learn KMeans (lloyd, same initial centres)",
+        row(
+            "scikit-learn KMeans (lloyd), same initial centres",
             "cpu",
-            ms(m["sklearn"].seconds),
-            data["iterations"]["sklearn"],
-            f"{data['inertia']['sklearn']:.4g}",
-            "1.00x",
-        ],
-        [
-            "cdc_serve_training.kmeans.kmeans (same initial centres)",
-            "cpu",
-            ms(m["torch"].seconds),
-            t_iters,
-            f"{data['inertia']['torch']:.4g}",
-            fmt_ratio(ratio),
-        ],
+            m["sklearn"],
+            sk_iters,
+            sk_cost,
+            m["sklearn"],
+        ),
+        row(
+            "project kmeans, same initial centres", "cpu", m["torch"], t_iters, t_cost, m["sklearn"]
+        ),
     ]
     if gpu is not None:
         rows.append(
-            [
-                "cdc_serve_training.kmeans.kmeans (same initial centres)",
-                "cuda",
-                ms(gpu.seconds),
-                t_iters,
-                "",
-                fmt_ratio(m["sklearn"].seconds / gpu.seconds),
-            ]
+            row("project kmeans, same initial centres", "cuda", gpu, t_iters, t_cost, m["sklearn"])
         )
-    rows_pp = [
-        ["scikit-learn KMeans, its k-means++ init", "cpu", ms(m["sklearn_pp"].seconds), "1.00x"],
-        [
-            "cdc_serve_training.kmeans.kmeans, its k-means++ init",
+    rows += [
+        row(
+            "scikit-learn KMeans (lloyd), its k-means++ init",
             "cpu",
-            ms(m["torch_pp"].seconds),
-            fmt_ratio(m["sklearn_pp"].seconds / m["torch_pp"].seconds),
-        ],
+            m["sklearn_pp"],
+            "",
+            "",
+            m["sklearn_pp"],
+        ),
+        row("project kmeans, its k-means++ init", "cpu", m["torch_pp"], "", "", m["sklearn_pp"]),
     ]
+    if gpu_pp is not None:
+        rows.append(
+            row("project kmeans, its k-means++ init", "cuda", gpu_pp, "", "", m["sklearn_pp"])
+        )
     lines = [
         "## 2. Per-batch mini-cluster K-means",
         "",
         f"Measured {'with --quick ' if settings.quick else ''}on {settings.device}: "
-        f"B = {b} points, K = {k} clusters, D = {d}, at most {N_ITER} Lloyd iterations, "
-        "`tol=0`; both start from the same k-means++ centres (computed once by "
-        "`kmeans_plusplus`). Median of "
-        f"{settings.rounds} alternating rounds; time per full K-means run. "
-        f"Both use all {cpu_cores()} usable cores.",
+        f"B = {b} points, K = {k} clusters, D = {d} (L1-normalised feature-like rows), at most "
+        f'{N_ITER} Lloyd iterations, `tol=0`. "Same initial centres": both start from one '
+        '`kmeans_plusplus` result; "its k-means++ init": each runs its own greedy k-means++ '
+        "(2 + log K candidates per centre) first, as CDC's training step does on every batch. "
+        f"Median of {settings.rounds} alternating rounds, time per complete K-means run; both "
+        f"libraries use all {cpu_cores()} usable cores. Project kmeans = "
+        "`cdc_serve_training.kmeans.kmeans`.",
         "",
         md_table(
             ["implementation", "device", "time per run", "iterations", "inertia", "speed-up"], rows
@@ -178,25 +226,42 @@ def run(settings: BenchSettings, sizes: tuple[int, int, int]) -> Section:
         "",
         md_table(["goal", "measured", "met?"], [[g, v, met(ok)] for g, v, ok in goals]),
         "",
-        f"Sanity: {100 * agree:.1f} % of the points get the same label from both "
-        "(ties and floating-point order can split the rest); the inertia column shows both "
-        "reach the same cost.",
+        f"Sanity: {100 * agree:.1f} % of the points get the same label from both runs from the "
+        "same centres, and the inertia column shows the cost each reached.",
         "",
-        "Including each library's own k-means++ initialisation (as `_train_batch` calls it; "
-        "scikit-learn's greedy k-means++ tries 2 + log K candidates per centre, so this is "
-        "not an equal-work comparison and has no goal):",
-        "",
-        md_table(["implementation", "device", "time per run", "speed-up"], rows_pp),
+        f"Floor: the {t_iters + 1} distance matrix products of a run (one per assignment step, "
+        f"2·B·K·D FLOP each) take {ms(gemm_floor)} at the float32 matrix-product rate measured "
+        f"in the same rounds ({peak / 1e9:.1f} GFLOP/s).",
     ]
     if "peak_gpu_memory_mib" in data:
-        lines.append(f"\nPeak GPU memory (torch.cuda.max_memory_allocated): {data['peak_gpu_memory_mib']:.0f} MiB.")
+        lines.append(
+            f"Peak GPU memory (torch.cuda.max_memory_allocated): "
+            f"{data['peak_gpu_memory_mib']:.0f} MiB."
+        )
     if ratio < GOAL:
-        lines += ["", f"**Missed:** {goal_text}: measured {fmt_ratio(ratio)}."]
+        over_sk, over_t = m["sklearn"].seconds / gemm_floor, m["torch"].seconds / gemm_floor
+        if over_t < 3:
+            why = (
+                "each Lloyd iteration is one B x D by D x K matrix product plus O(B·D) "
+                f"bookkeeping, and the project's run already takes only {over_t:.1f}x the "
+                f"matrix-product floor (scikit-learn {over_sk:.1f}x): at equal work on a CPU "
+                "there is little left to win; the gain has to come from the device (the GPU "
+                "row, when lent) or from the initialisation"
+            )
+        else:
+            why = (
+                f"the project's run takes {over_t:.0f}x the matrix-product floor (scikit-learn "
+                f"{over_sk:.0f}x): its time goes to per-iteration overhead (many small tensor "
+                "operations, each a parallel region whose threads must meet, and host syncs "
+                "such as `float(shift)` / `torch.equal`), not to the products"
+            )
+        lines += ["", f"**Missed:** {goals[0][0]}: measured {fmt_ratio(ratio)}. Why: {why}."]
     return Section("kmeans", "\n".join(lines), goals, data)
 
 
-def _iterations_used(labels_after, final_labels: np.ndarray) -> int:
-    """The smallest ``n_iter`` whose labels equal those of the full run (binary search)."""
+def _iterations_run(labels_after, final_labels: np.ndarray) -> int:
+    """Lloyd iterations the full run made: the first ``n_iter`` reaching its final labels
+    (binary search), plus the one that saw no change, capped at ``N_ITER``."""
     lo, hi = 1, N_ITER
     while lo < hi:
         mid = (lo + hi) // 2
@@ -204,4 +269,4 @@ def _iterations_used(labels_after, final_labels: np.ndarray) -> int:
             hi = mid
         else:
             lo = mid + 1
-    return lo
+    return min(lo + 1, N_ITER)

@@ -68,9 +68,7 @@ def render_block(
     return "\n".join(parts)
 
 
-def write_report(
-    path: Path, header: str, sections: list[Section], command: str
-) -> Path:
+def write_report(path: Path, header: str, sections: list[Section], command: str) -> Path:
     """Replace (or append) the generated block of ``path``, keeping the text around it."""
     path = Path(path)
     text = path.read_text(encoding="utf-8") if path.exists() else ""

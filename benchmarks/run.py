@@ -17,6 +17,7 @@ import json
 import shlex
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from benchmarks.common import BenchSettings, Section, machine_info, md_table, versions
@@ -89,16 +90,26 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [name for name in only if name not in ORDER]
     if unknown:
         raise SystemExit(f"--only: unknown benchmark(s) {unknown}; choose from {', '.join(ORDER)}")
-    settings = BenchSettings.make(quick=args.quick, device=resolve_device(args.device))
     sizes = parse_sizes(args.sizes, args.quick)
+    settings = BenchSettings.make(quick=args.quick, device=resolve_device(args.device))
 
     sections: list[Section] = []
+    failed: list[str] = []
     for name in ORDER:
         if name not in only:
             continue
         started = time.perf_counter()
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)
-        section = _run_one(name, settings, sizes, triton=not args.no_triton)
+        try:
+            section = _run_one(name, settings, sizes, triton=not args.no_triton)
+        except Exception as exc:  # record the failure in the report, then exit non-zero
+            failed.append(name)
+            traceback.print_exc()
+            section = Section(
+                name,
+                f"## {name}\n\n**Failed** in this run: `{type(exc).__name__}: {exc}`",
+                [(f"{name} benchmark ran", "failed", None)],
+            )
         print(
             f"[bench] {name} done in {time.perf_counter() - started:.0f} s",
             file=sys.stderr,
@@ -122,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
             json.dumps({s.name: s.data for s in sections}, indent=2, default=str) + "\n",
             encoding="utf-8",
         )
-    return 0
+    if failed:
+        print(f"[bench] failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _run_one(name: str, settings: BenchSettings, sizes, *, triton: bool) -> Section:

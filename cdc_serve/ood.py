@@ -19,8 +19,21 @@ Scores (all numpy; fitted parameters are small and JSON-able):
 - ``knn``: ``1 - cos`` to the ``k``-th nearest of a random subsample of training
   embeddings (Sun et al. 2022), thresholded on training samples outside that bank.
 
-The default score is :data:`DEFAULT_SCORE` (chosen by measurement, see
-``docs/BENCHMARKS.md``); ``fit_ood(..., default=...)`` overrides it per model.
+The default score is :data:`DEFAULT_SCORE` (change it there, or per model with
+``fit_ood(..., default=...)``). It was chosen by measurement on real data before a CDC
+model existed: in-distribution Fashion-MNIST classes 0-7, OOD = held-out classes 8-9
+and scikit-learn digits resized to 28x28, OOD AUROC (higher is better):
+
+==========================================  ============  ============  ============
+features (probs from)                       msp           mahalanobis   knn
+==========================================  ============  ============  ============
+small CNN, 84.6 % acc. (its softmax)        0.72 / 0.65   0.85 / 0.98   0.74 / 0.98
+small CNN, 75 % acc. (its softmax)          0.71 / 0.82   0.85 / 0.97   0.72 / 0.95
+PCA-64 of pixels (k-means soft assignment)  0.60 / 0.71   0.79 / 0.95   0.79 / 0.97
+==========================================  ============  ============  ============
+
+(held-out classes / digits). Mahalanobis is best or close to best everywhere and
+beats msp on both OOD sets; the CDC model's own figures are in ``docs/BENCHMARKS.md``.
 """
 
 from __future__ import annotations
@@ -34,30 +47,34 @@ import numpy as np
 from cdc_serve import CDCError
 
 SCORES = ("msp", "prototype", "mahalanobis", "knn")
-DEFAULT_SCORE = "knn"
+DEFAULT_SCORE = "mahalanobis"
 PARAMS_VERSION = 1
+_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
 
 
 # -- compact JSON encoding of float32 arrays ------------------------------------------
 
 
-def encode_array(array: np.ndarray) -> dict[str, Any]:
-    """A float32 array as a JSON-able dict (base64 of the little-endian bytes)."""
-    array = np.ascontiguousarray(array, dtype="<f4")
+def encode_array(array: np.ndarray, dtype: str = "float32") -> dict[str, Any]:
+    """A float array as a JSON-able dict (base64 of the little-endian float32/float16 bytes)."""
+    if dtype not in _DTYPES:
+        raise CDCError(f"encode_array: dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    array = np.ascontiguousarray(array, dtype=_DTYPES[dtype])
     return {
-        "dtype": "float32",
+        "dtype": dtype,
         "shape": list(array.shape),
         "base64": base64.b64encode(array.tobytes()).decode("ascii"),
     }
 
 
 def decode_array(data: dict[str, Any] | list) -> np.ndarray:
-    """Inverse of :func:`encode_array` (plain nested lists are accepted too)."""
+    """Inverse of :func:`encode_array` (plain nested lists are accepted too); float32 out."""
     if isinstance(data, list):
         return np.asarray(data, dtype=np.float32)
     try:
         raw = base64.b64decode(data["base64"])
-        return np.frombuffer(raw, dtype="<f4").reshape(data["shape"]).astype(np.float32)
+        dtype = _DTYPES[data.get("dtype", "float32")]
+        return np.frombuffer(raw, dtype=dtype).reshape(data["shape"]).astype(np.float32)
     except (KeyError, TypeError, ValueError) as exc:
         raise CDCError(f"OOD parameters: corrupt array ({exc})") from None
 
@@ -194,9 +211,11 @@ def fit_ood(
     if "msp" in scores:
         fitted["msp"] = {"threshold": threshold(msp_score(probs))}
     if "prototype" in scores:
+        # Stored as float16: threshold with the rounded values the scorer will use.
         protos = _fit_prototypes(z, labels, prototypes_per_cluster, seed)
+        protos = protos.astype(np.float16).astype(np.float32)
         fitted["prototype"] = {
-            "prototypes": encode_array(protos),
+            "prototypes": encode_array(protos, "float16"),
             "threshold": threshold(prototype_score(z, protos)),
         }
     if "mahalanobis" in scores:
@@ -212,9 +231,10 @@ def fit_ood(
         n_bank = min(knn_bank, len(z) // 2)
         order = rng.permutation(len(z))
         bank, rest = z[order[:n_bank]], z[order[n_bank:]]
+        bank = bank.astype(np.float16).astype(np.float32)  # stored as float16
         k = min(knn_k, n_bank)
         fitted["knn"] = {
-            "bank": encode_array(bank),
+            "bank": encode_array(bank, "float16"),
             "k": int(k),
             "threshold": threshold(knn_score(rest, bank, k)),
         }

@@ -117,8 +117,13 @@ def _array_items(path: Path, meta: Any) -> Iterator[Item]:
         else:
             dtype, shape = check_idx(path)
             layout = array_layout(shape, batched=True)
-            scale = 255.0 if dtype.kind == "f" and float_scale(read_idx(path)) == 255.0 else 1.0
+            scale = 1.0
+            if dtype.kind == "f":  # one streaming pass for the value range
+                in_unit = all(float_scale(b) == 255.0 for _, b in iter_idx_blocks(path))
+                scale = 255.0 if in_unit else 1.0
             blocks = iter_idx_blocks(path)
+        if (len(array) if path.suffix.lower() == ".npy" else shape[0]) == 0:
+            raise CDCError(f"{path}: holds no images (first dimension is 0)")
     except CDCError as exc:
         yield Item(str(path), error=str(exc))
         return

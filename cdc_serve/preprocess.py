@@ -225,6 +225,12 @@ def array_to_image(
         pixels = np.clip(np.rint(values), 0, 255).astype(np.uint8)
     else:
         raise CDCError(f"unsupported array dtype {item.dtype}")
+    height, width = input_size
+    if pixels.shape[:2] == (height, width):  # already the model's size: no resampling
+        if pixels.ndim == 2 and channels == 1:
+            return np.ascontiguousarray(pixels)[None]
+        if pixels.ndim == 3 and pixels.shape[2] == 3 and channels == 3:
+            return np.ascontiguousarray(pixels.transpose(2, 0, 1))
     if pixels.ndim == 3 and pixels.shape[2] == 4:
         img = Image.fromarray(pixels, mode="RGBA")
     elif pixels.ndim == 3:

@@ -302,9 +302,14 @@ def read_config(model_dir: Path):
 def meta_parameters(meta: dict[str, Any], max_len: int = 2048) -> dict[str, str]:
     """The metadata as Triton string parameters: scalars as text, small lists/dicts as JSON.
 
-    Values whose text is longer than ``max_len`` are left out (they stay in ``cdc_meta.json``).
+    Values whose text is longer than ``max_len`` are left out as separate parameters; the
+    whole metadata always travels as one JSON string in ``cdc_meta``, which is how a
+    client talking to Triton learns the preprocessing and the fitted OOD statistics.
     """
-    params = {"cdc_meta_file": META_FILE}
+    params = {
+        "cdc_meta_file": META_FILE,
+        "cdc_meta": json.dumps(meta, sort_keys=True, separators=(",", ":"), allow_nan=False),
+    }
     for key, value in meta.items():
         if isinstance(value, bool):
             text = "true" if value else "false"

@@ -210,7 +210,9 @@ def test_resume_is_bit_identical(tmp_path):
     straight, history = _run(tmp_path / "a", epochs=3, resume=False)
     _run(tmp_path / "b", epochs=1, resume=False)  # interrupted after one epoch
     resumed, resumed_history = _run(tmp_path / "b", epochs=3, resume=True)
-    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+    for (name, a), (_, b) in zip(
+        straight.state_dict().items(), resumed.state_dict().items(), strict=True
+    ):
         assert torch.equal(a, b), name
     assert history == resumed_history
     assert len(history["selected"]) == 3 and all(0 < s <= 1 for s in history["selected"])
@@ -219,7 +221,9 @@ def test_resume_is_bit_identical(tmp_path):
 @pytest.mark.parametrize("heads", ["clu", "clu+cal"])
 def test_single_head_variants_share_one_head(tmp_path, heads):
     model, history = _run(tmp_path, epochs=1, resume=False, cfg_kwargs={"heads": heads})
-    for (_, a), (_, b) in zip(model.clu_head.state_dict().items(), model.cal_head.state_dict().items()):
+    for (_, a), (_, b) in zip(
+        model.clu_head.state_dict().items(), model.cal_head.state_dict().items(), strict=True
+    ):
         assert torch.equal(a, b)
     if heads == "clu":
         assert history["loss_cal"] == [0.0]

@@ -39,7 +39,9 @@ def test_round_trip(tmp_path):
     path = _save(tmp_path / "model.pth", model)
     loaded, info = load_model(path)
     assert not loaded.training
-    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+    for (name, a), (_, b) in zip(
+        model.state_dict().items(), loaded.state_dict().items(), strict=True
+    ):
         assert torch.equal(a, b), name
     assert info["arch"] == ARCH and info["preprocess"] == PREPROCESS
     assert info["format"] == "cdc-serve/model" and info["format_version"] == 1

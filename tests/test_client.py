@@ -8,13 +8,13 @@ import socket
 import numpy as np
 import pytest
 from PIL import Image
+from tiny_export import make_exported_model, reference_outputs, tiny_modelmeta
 
 from cdc_serve import CDCError
 from cdc_serve.client import Client, Prediction
 from cdc_serve.modelmeta import FORMAT_VERSION, META_FILE, ModelMeta, find_model
 from cdc_serve.ood import OODScorer
 from cdc_serve.preprocess import normalise
-from tiny_export import make_exported_model, reference_outputs, tiny_modelmeta
 
 
 @pytest.fixture(scope="module")
@@ -95,12 +95,15 @@ def test_find_model_paths(tmp_path):
 
 def test_find_model_in_triton_repository(tmp_path):
     """A repository written by cdc_serve.triton.add_model_version (the export layout)."""
-    from cdc_serve.triton import add_model_version
     from conftest import make_tiny_onnx
+
+    from cdc_serve.triton import add_model_version
 
     onnx_path = make_tiny_onnx(tmp_path / "src.onnx", num_classes=5, embedding_dim=6)
     meta = tiny_modelmeta()
-    version_dir = add_model_version(tmp_path / "repo", "cdc", onnx_path, meta.to_dict(), "python", 8)
+    version_dir = add_model_version(
+        tmp_path / "repo", "cdc", onnx_path, meta.to_dict(), "python", 8
+    )
     found_onnx, found = find_model(tmp_path / "repo" / "cdc")
     assert found_onnx == version_dir / "model.onnx" and found.version == int(version_dir.name)
     with Client(model=tmp_path / "repo" / "cdc") as c:
@@ -178,7 +181,9 @@ def test_ood_score_choice(model_dir):
     with Client(model=model_dir, ood_score="msp") as c:
         p = c.predict(images(3), return_probs=True)
         assert c.ood.name == "msp"
-        np.testing.assert_allclose([x.ood_score for x in p], [1 - max(x.probs) for x in p], atol=1e-6)
+        np.testing.assert_allclose(
+            [x.ood_score for x in p], [1 - max(x.probs) for x in p], atol=1e-6
+        )
     with pytest.raises(CDCError, match="not available"):
         Client(model=model_dir, ood_score="energy")
 

@@ -14,14 +14,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_tiny_onnx
+from tiny_export import EMBEDDING_DIM, NUM_CLASSES, fitted_ood, tiny_modelmeta
 
 from cdc_serve import CDCError
 from cdc_serve.client import META_PARAMETER, Client
 from cdc_serve.modelmeta import find_model
 from cdc_serve.predict import predict
 from cdc_serve.triton import add_model_version, meta_parameters
-from conftest import make_tiny_onnx
-from tiny_export import EMBEDDING_DIM, NUM_CLASSES, fitted_ood, tiny_modelmeta
 
 pytestmark = [pytest.mark.slow, pytest.mark.triton]
 
@@ -34,9 +34,10 @@ def build_repository(root: Path, with_full_meta: bool) -> Path:
                                embedding_dim=EMBEDDING_DIM, seed=7)  # fmt: skip
     meta = tiny_modelmeta()
     meta.ood = fitted_ood(onnx_path, meta)
-    params = meta_parameters(meta.to_dict())
-    if with_full_meta:
-        params[META_PARAMETER] = meta.to_json()
+    params = meta_parameters(meta.to_dict())  # carries the whole metadata as META_PARAMETER
+    assert META_PARAMETER in params
+    if not with_full_meta:  # a repository written by another tool: per-field parameters only
+        del params[META_PARAMETER]
     add_model_version(root / "repo", "cdc", onnx_path, meta.to_dict(), "python", MAX_BATCH,
                       parameters=params)  # fmt: skip
     return root / "repo"
@@ -70,7 +71,9 @@ def test_local_http_grpc_give_identical_results(served):
     for backend in ("http", "grpc"):
         got = results[backend]
         assert [p.cluster_id for p in got] == [p.cluster_id for p in ref]
-        np.testing.assert_allclose([p.confidence for p in got], [p.confidence for p in ref], atol=1e-5)
+        np.testing.assert_allclose(
+            [p.confidence for p in got], [p.confidence for p in ref], atol=1e-5
+        )
         np.testing.assert_allclose([p.probs for p in got], [p.probs for p in ref], atol=1e-5)
         np.testing.assert_allclose([p.ood_score for p in got], [p.ood_score for p in ref],
                                    rtol=1e-4, atol=1e-5)  # fmt: skip
@@ -92,7 +95,9 @@ def test_predict_over_both_protocols_matches_local(served, tmp_path):
         with open(out, newline="") as f:
             outputs[name] = list(csv.DictReader(f))
     for name in ("http", "grpc"):
-        assert [r["cluster_id"] for r in outputs[name]] == [r["cluster_id"] for r in outputs["local"]]
+        assert [r["cluster_id"] for r in outputs[name]] == [
+            r["cluster_id"] for r in outputs["local"]
+        ]
         diff = [abs(float(a["confidence"]) - float(b["confidence"]))
                 for a, b in zip(outputs[name], outputs["local"], strict=True)]  # fmt: skip
         assert max(diff) <= 1e-5
@@ -110,7 +115,9 @@ def test_metadata_without_the_full_parameter(tmp_path, triton_server):
         with remote, Client(model=repo / "cdc") as local:
             assert remote.meta.input_size == local.meta.input_size and remote.ood.name == "msp"
             batch = images(20, seed=3)
-            assert [p.cluster_id for p in remote.predict(batch)] == [p.cluster_id for p in local.predict(batch)]
+            assert [p.cluster_id for p in remote.predict(batch)] == [
+                p.cluster_id for p in local.predict(batch)
+            ]
         # A local copy of the metadata restores the fitted OOD score.
         _, meta = find_model(repo / "cdc")
         with Client(url=server.grpc_url, backend="grpc", meta=meta) as remote:
@@ -192,7 +199,9 @@ def test_server_down_stops_with_clear_error_then_resume_completes(tmp_path, trit
 
     kwargs = {"url": server.http_url, "protocol": "http", "model_name": "cdc",
               "output": out, "batch_size": MAX_BATCH}  # fmt: skip
-    with pytest.raises(CDCError, match=r"failed .* times.*rows are kept in .*p\.csv\.partial.*--resume"):
+    with pytest.raises(
+        CDCError, match=r"failed .* times.*rows are kept in .*p\.csv\.partial.*--resume"
+    ):
         predict([tmp_path / "x.npy"], on_chunk=stop_after_two, retries=2, **kwargs)
     assert not out.exists() and 0 < len(_sources(partial)) < n
 
@@ -210,3 +219,28 @@ def test_server_down_stops_with_clear_error_then_resume_completes(tmp_path, trit
     with open(out, newline="") as f:
         assert all(r["cluster_id"] != "" for r in csv.DictReader(f))
     assert json.loads(json.dumps(summary.to_dict()))["n"] == n
+
+
+def test_full_size_ood_parameters_travel_over_both_protocols(tmp_path, triton_server):
+    """A ResNet-sized embedding (512-d) makes the metadata megabytes: it still arrives whole."""
+    from cdc_serve.ood import fit_ood
+
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(3000, 512)).astype(np.float32)
+    probs = rng.dirichlet(np.ones(NUM_CLASSES), size=3000).astype(np.float32)
+    big = fit_ood(emb, probs)
+    onnx_path = make_tiny_onnx(tmp_path / "src" / "model.onnx", num_classes=NUM_CLASSES,
+                               embedding_dim=EMBEDDING_DIM)  # fmt: skip
+    meta = tiny_modelmeta(ood=big)
+    text = meta.to_json()
+    assert 1_000_000 < len(text) < 5_000_000
+    params = {**meta_parameters(meta.to_dict()), META_PARAMETER: text}
+    add_model_version(tmp_path / "repo", "cdc", onnx_path, meta.to_dict(), "python", MAX_BATCH,
+                      parameters=params)  # fmt: skip
+    server = triton_server(tmp_path / "repo")
+    try:
+        for backend, url in (("http", server.http_url), ("grpc", server.grpc_url)):
+            with Client(url=url, backend=backend, model_name="cdc") as remote:
+                assert remote.meta.ood == big and remote.ood.name == big["default"]
+    finally:
+        server.stop()

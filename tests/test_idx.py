@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 
 from cdc_serve import CDCError
-from cdc_serve.idx import check_idx, iter_idx_blocks, read_header, read_idx, read_idx_rows, write_idx
+from cdc_serve.idx import (
+    check_idx,
+    iter_idx_blocks,
+    read_header,
+    read_idx,
+    read_idx_rows,
+    write_idx,
+)
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -72,7 +79,10 @@ def test_truncated_file_names_the_file(tmp_path):
 
 
 def test_truncated_gzip(tmp_path):
-    path = write_idx(tmp_path / "t-ubyte.gz", np.random.default_rng(0).integers(0, 255, (50, 9, 9)).astype(np.uint8))
+    path = write_idx(
+        tmp_path / "t-ubyte.gz",
+        np.random.default_rng(0).integers(0, 255, (50, 9, 9)).astype(np.uint8),
+    )
     path.write_bytes(path.read_bytes()[:200])
     with pytest.raises(CDCError, match="t-ubyte.gz"):
         read_idx(path)

@@ -76,7 +76,9 @@ def test_init_heads_gives_both_heads_the_same_weights():
     x, truth = blobs(k=4)
     model = ClusteringModel(Identity(), hidden_dim=12, num_classes=4)
     init_heads(model, x, method="prototype", hidden=12, ortho_steps=50, seed=0)
-    for (_, a), (_, b) in zip(model.clu_head.state_dict().items(), model.cal_head.state_dict().items()):
+    for (_, a), (_, b) in zip(
+        model.clu_head.state_dict().items(), model.cal_head.state_dict().items(), strict=True
+    ):
         assert torch.equal(a, b)
     model.eval()
     with torch.no_grad():

@@ -93,7 +93,9 @@ def test_mahalanobis_matches_direct_formula():
     direct = np.array(
         [min((x - m) @ precision @ (x - m) for m in means) for x in zn], dtype=np.float32
     )
-    np.testing.assert_allclose(mahalanobis_score(z, means, precision, chunk=3), direct, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        mahalanobis_score(z, means, precision, chunk=3), direct, rtol=1e-4, atol=1e-5
+    )
 
 
 def test_knn_is_kth_nearest_cosine():
@@ -149,7 +151,12 @@ def test_array_encoding_round_trip():
         (np.zeros((20, 3)), np.full((20, 2), 0.5), {"keep": 1.5}, "keep"),
         (np.full((20, 3), np.nan), np.full((20, 2), 0.5), {}, "NaN"),
         (np.zeros((20, 3)), np.full((20, 2), 0.5), {"scores": ("energy",)}, "unknown score"),
-        (np.zeros((20, 3)), np.full((20, 2), 0.5), {"default": "knn", "scores": ("msp",)}, "default"),
+        (
+            np.zeros((20, 3)),
+            np.full((20, 2), 0.5),
+            {"default": "knn", "scores": ("msp",)},
+            "default",
+        ),
     ],
 )
 def test_fit_rejects_bad_input(emb, probs, kwargs, message):

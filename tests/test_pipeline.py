@@ -31,7 +31,11 @@ def test_quick_preset_is_valid(tmp_path):
     assert config.cdc.mini_clusters <= config.cdc.batch_size
     paper = _config(tmp_path, preset="paper")
     assert paper.backbone == "resnet34" and paper.moco.epochs == 1000 and paper.cdc.epochs == 100
-    assert (paper.cdc.batch_size, paper.cdc.sub_batch_size, paper.cdc.mini_clusters) == (1000, 500, 500)
+    assert (paper.cdc.batch_size, paper.cdc.sub_batch_size, paper.cdc.mini_clusters) == (
+        1000,
+        500,
+        500,
+    )
     assert json.dumps(config.to_dict())  # plain, JSON-able
 
 
@@ -109,7 +113,9 @@ def test_corrupt_idx_files(tmp_path):
     root.mkdir()
     rng = np.random.default_rng(0)
     for prefix, n in (("train", 60), ("t10k", 10)):
-        _write_idx(root / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 255, (n, 28, 28)), corrupt=True)
+        _write_idx(
+            root / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 255, (n, 28, 28)), corrupt=True
+        )
         _write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, (n,)))
     config = _config(tmp_path, dataset="fashion-mnist", data_root=str(root))
     with pytest.raises(CDCError):
@@ -170,5 +176,7 @@ def test_end_to_end_on_digits(tmp_path):
     # resume: every stage is already done, the result is the same model
     again = train(config, resume=True)
     model2, _ = load_model(again)
-    for (name, a), (_, b) in zip(model.state_dict().items(), model2.state_dict().items()):
+    for (name, a), (_, b) in zip(
+        model.state_dict().items(), model2.state_dict().items(), strict=True
+    ):
         assert torch.equal(a, b), name

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 from PIL import Image
 from scipy.optimize import linear_sum_assignment
+from test_preprocess import png_claiming_size
+from tiny_export import make_exported_model
 
 from cdc_serve import CDCError
 from cdc_serve.client import Client
 from cdc_serve.idx import write_idx
 from cdc_serve.predict import COLUMNS, predict
-from test_preprocess import png_claiming_size
-from tiny_export import make_exported_model
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +206,9 @@ def test_resume_after_interruption(model_dir, tmp_path, suffix):
     assert read_rows(out) == read_rows(full)  # every input exactly once, same order, same values
     # Resuming a finished run scores nothing and keeps the file.
     counts.clear()
-    again = predict(inputs, model=model_dir, output=out, batch_size=5, resume=True, on_chunk=counts.append)
+    again = predict(
+        inputs, model=model_dir, output=out, batch_size=5, resume=True, on_chunk=counts.append
+    )
     assert again.n == 47 and set(counts) == {0} and read_rows(out) == read_rows(full)
 
 
@@ -285,5 +287,20 @@ def test_cli_predict(model_dir, tmp_path):
                                  "--output", str(tmp_path / "p.csv"), "--reject-below", "0.5"])  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "scored 12 inputs" in result.output and len(read_rows(tmp_path / "p.csv")) == 12
-    result = runner.invoke(app, ["predict", str(tmp_path / "x.npy"), "--model", str(tmp_path / "nope")])
+    result = runner.invoke(
+        app, ["predict", str(tmp_path / "x.npy"), "--model", str(tmp_path / "nope")]
+    )
     assert result.exit_code == 2 and "model not found" in result.output
+
+
+def test_empty_array_and_float_idx(model_dir, tmp_path):
+    np.save(tmp_path / "empty.npy", np.zeros((0, 8, 8), np.uint8))
+    unit = noise((3, 8, 8), seed=11)
+    write_idx(tmp_path / "f-ubyte", unit.astype(np.float32) / 255)  # floats in 0..1
+    out = tmp_path / "p.csv"
+    summary = predict([tmp_path / "empty.npy", tmp_path / "f-ubyte"], model=model_dir, output=out)
+    rows = read_rows(out)
+    assert "holds no images" in rows[0]["error"] and summary.n == 4 and summary.n_errors == 1
+    with Client(model=model_dir) as client:
+        want = [p.cluster_id for p in client.predict(unit)]
+    assert [int(r["cluster_id"]) for r in rows[1:]] == want

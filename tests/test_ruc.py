@@ -189,7 +189,9 @@ def test_co_refine_weights_by_normalised_counter_confidence():
 def test_guess_unclean_is_sharpened_mean():
     a = torch.tensor([[0.7, 0.3]])
     b = torch.tensor([[0.5, 0.5]])
-    assert torch.allclose(guess_unclean([a, b, a, b], 0.5), sharpen(torch.tensor([[0.6, 0.4]]), 0.5))
+    assert torch.allclose(
+        guess_unclean([a, b, a, b], 0.5), sharpen(torch.tensor([[0.6, 0.4]]), 0.5)
+    )
 
 
 def test_co_refurbish_moves_only_unclean_samples_above_threshold():
@@ -210,7 +212,13 @@ def test_co_refurbish_moves_only_unclean_samples_above_threshold():
     assert new_labels.tolist() == [0, 1, 0, 0, 1]
     assert moved.tolist() == [1, 2]
     # inputs untouched; a single network's probs work too
-    assert mask.tolist() == [True, False, False, False, False] and labels.tolist() == [0, 0, 1, 0, 1]
+    assert mask.tolist() == [True, False, False, False, False] and labels.tolist() == [
+        0,
+        0,
+        1,
+        0,
+        1,
+    ]
     m1, _, moved1 = co_refurbish(net1, mask, labels, tau2=0.9)
     assert m1.tolist() == [True, True, False, False, False] and moved1.tolist() == [1]
 
@@ -334,16 +342,14 @@ def _noisy_inputs(data, seed: int = 0):
     return pseudo, conf, embeddings
 
 
-TINY = RUCConfig(
-    epochs=2, batch_size=16, steps_per_epoch=3, hidden_dim=16, k=5, eval_batch_size=64
-)
+TINY = RUCConfig(epochs=2, batch_size=16, steps_per_epoch=3, hidden_dim=16, k=5, eval_batch_size=64)
 
 
 def test_train_ruc_tiny_end_to_end():
     from cdc_serve_training.augment import Augmenter
     from cdc_serve_training.heads import ClusteringModel
 
-    data = _synthetic()
+    data = _synthetic(n_per_class=20)
     pseudo, conf, emb = _noisy_inputs(data)
     augmenter = Augmenter(data.size, data.mean, data.std)
     backbone = TinyBackbone()
@@ -379,7 +385,8 @@ def test_train_ruc_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch):
     pseudo, conf, emb = _noisy_inputs(data)
     augmenter = Augmenter(data.size, data.mean, data.std)
     args = (data, pseudo, conf, emb, augmenter, TINY, "cpu")
-    full, _ = ruc.train_ruc(TinyBackbone(), *args, num_classes=3, progress=False)
+    backbone = TinyBackbone()  # train_ruc copies it: every run starts from the same weights
+    full, _ = ruc.train_ruc(backbone, *args, num_classes=3, progress=False)
 
     save = ruc._save_state
 
@@ -390,10 +397,10 @@ def test_train_ruc_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch):
     ckpt = tmp_path / "ruc.pt"
     monkeypatch.setattr(ruc, "_save_state", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
-        ruc.train_ruc(TinyBackbone(), *args, num_classes=3, progress=False, checkpoint_path=ckpt)
+        ruc.train_ruc(backbone, *args, num_classes=3, progress=False, checkpoint_path=ckpt)
     monkeypatch.setattr(ruc, "_save_state", save)
     resumed, report = ruc.train_ruc(
-        TinyBackbone(), *args, num_classes=3, progress=False, checkpoint_path=ckpt, resume=True
+        backbone, *args, num_classes=3, progress=False, checkpoint_path=ckpt, resume=True
     )
     assert len(report["history"]) == 2
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
@@ -408,9 +415,10 @@ def test_train_ruc_input_errors():
     aug = Augmenter(data.size, data.mean, data.std)
     with pytest.raises(CDCError, match="pseudo-labels for"):
         ruc.train_ruc(TinyBackbone(), data, pseudo[:5], conf, emb, aug, TINY, num_classes=3)
+    by_confidence = RUCConfig(**{**TINY.to_dict(), "strategy": "confidence"})
     with pytest.raises(CDCError, match="needs confidences"):
-        ruc.train_ruc(TinyBackbone(), data, pseudo, None, emb, aug, TINY, num_classes=3)
-    with pytest.raises(CDCError, match="clean samples"):
+        ruc.train_ruc(TinyBackbone(), data, pseudo, None, emb, aug, by_confidence, num_classes=3)
+    with pytest.raises(CDCError, match="kept 0 of 30 samples"):
         ruc.train_ruc(
             TinyBackbone(), data, pseudo, conf * 0, emb, aug, TINY, num_classes=3, progress=False
         )
@@ -453,3 +461,16 @@ def test_pseudo_labels_from_model_pth_uses_clustering_head(tmp_path):
         ruc.pseudo_labels_from(path, None, 4, data=data)
     with pytest.raises(CDCError, match="need the images"):
         ruc.pseudo_labels_from(path, torch.zeros(30, 2), 3)
+
+
+def test_train_ruc_hybrid_without_confidences_uses_metric():
+    from cdc_serve_training.augment import Augmenter
+
+    data = _synthetic(n_per_class=10)
+    pseudo, _, emb = _noisy_inputs(data)
+    aug = Augmenter(data.size, data.mean, data.std)
+    one_step = RUCConfig(**{**TINY.to_dict(), "epochs": 1, "steps_per_epoch": 1})
+    _, report = ruc.train_ruc(
+        TinyBackbone(), data, pseudo, None, emb, aug, one_step, num_classes=3, progress=False
+    )
+    assert report["strategy"] == "metric" and set(report["selection"]) == {"metric"}

@@ -10,17 +10,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from conftest import make_tiny_onnx
 
 from cdc_serve.modelmeta import META_FILE, ModelMeta
 from cdc_serve.ood import fit_ood
 from cdc_serve.preprocess import normalise
-from conftest import make_tiny_onnx
 
 NUM_CLASSES = 5
 EMBEDDING_DIM = 6
 
 
-def tiny_modelmeta(channels: int = 1, size: tuple[int, int] = (8, 8), ood: dict | None = None) -> ModelMeta:
+def tiny_modelmeta(
+    channels: int = 1, size: tuple[int, int] = (8, 8), ood: dict | None = None
+) -> ModelMeta:
     return ModelMeta(
         name="tiny",
         num_classes=NUM_CLASSES,
@@ -39,7 +41,10 @@ def reference_outputs(onnx_path: Path, x: np.ndarray) -> tuple[np.ndarray, np.nd
     import onnx
     from onnx import numpy_helper
 
-    weights = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in onnx.load(str(onnx_path)).graph.initializer}
+    weights = {
+        t.name: numpy_helper.to_array(t).astype(np.float64)
+        for t in onnx.load(str(onnx_path)).graph.initializer
+    }
     emb = x.reshape(len(x), -1).astype(np.float64) @ weights["w_embed"] + weights["b_embed"]
     logits = emb @ weights["w_cls"] + weights["b_cls"]
     e = np.exp(logits - logits.max(axis=1, keepdims=True))

@@ -178,13 +178,18 @@ def train_cdc(
     ends with the same weights as an uninterrupted run (bit-identical on CPU).
     """
     n = len(data)
-    B, B_s = cfg.batch_size, cfg.sub_batch_size
+    B = cfg.batch_size
     C = data.num_classes
-    if B > n:
+    if n < B:
         raise CDCError(f"CDC batch size B={B} is larger than the data set ({n} images)")
     model.to(device)
     optimizer = _optimizer(model, cfg)
-    history: dict[str, list[float]] = {"loss_clu": [], "loss_cal": [], "loss_en": [], "selected": []}
+    history: dict[str, list[float]] = {
+        "loss_clu": [],
+        "loss_cal": [],
+        "loss_en": [],
+        "selected": [],
+    }
     start_epoch = 0
     if resume and checkpoint_path is not None and Path(checkpoint_path).exists():
         state = load_training_state(checkpoint_path, map_location=device)
@@ -326,5 +331,7 @@ def _train_batch(
             optimizer.step()
     totals["selected"] = selected.numel() / B
     if not math.isfinite(totals["loss_clu"] + totals["loss_cal"]):
-        raise CDCError("CDC training diverged (a loss became NaN or infinite); lower the learning rates")
+        raise CDCError(
+            "CDC training diverged (a loss became NaN or infinite); lower the learning rates"
+        )
     return totals

@@ -145,9 +145,7 @@ def _major(version: str) -> str:
     return str(version).split(".", 1)[0]
 
 
-def load_model(
-    path: str | os.PathLike, map_location: Any = "cpu"
-) -> tuple[ClusteringModel, dict]:
+def load_model(path: str | os.PathLike, map_location: Any = "cpu") -> tuple[ClusteringModel, dict]:
     """Read a ``model.pth``: ``(model in eval mode, everything else of the file)``."""
     payload = safe_load(path, map_location)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:

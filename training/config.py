@@ -166,7 +166,9 @@ def _check_device(device: str) -> None:
         import torch
 
         if not torch.cuda.is_available():
-            raise CDCError(f"device {device!r} requested but no CUDA GPU is available (use auto or cpu)")
+            raise CDCError(
+                f"device {device!r} requested but no CUDA GPU is available (use auto or cpu)"
+            )
         return
     raise CDCError(f"unknown device {device!r}; use auto, cpu or cuda")
 
@@ -201,7 +203,9 @@ def validate(config: TrainConfig) -> TrainConfig:
     if config.init.hidden < 1:
         raise CDCError(f"the hidden size must be positive, got {config.init.hidden}")
     if config.backbone not in BACKBONE_NAMES:
-        raise CDCError(f"unknown backbone {config.backbone!r}; use one of {', '.join(BACKBONE_NAMES)}")
+        raise CDCError(
+            f"unknown backbone {config.backbone!r}; use one of {', '.join(BACKBONE_NAMES)}"
+        )
     if config.method not in METHODS:
         raise CDCError(f"unknown method {config.method!r}; use cdc or ruc")
     if config.data.split not in SPLITS:
@@ -211,9 +215,7 @@ def validate(config: TrainConfig) -> TrainConfig:
     if not _known_dataset(config.data.name):
         from cdc_serve_training.data import dataset_names
 
-        raise CDCError(
-            f"unknown dataset {config.data.name!r}; known: {', '.join(dataset_names())}"
-        )
+        raise CDCError(f"unknown dataset {config.data.name!r}; known: {', '.join(dataset_names())}")
     _check_device(config.device)
     return config
 
@@ -221,7 +223,9 @@ def validate(config: TrainConfig) -> TrainConfig:
 def validate_against_data(config: TrainConfig, n: int, num_classes: int) -> None:
     """Checks that need the data's size and class count (run before any training)."""
     if num_classes < 2:
-        raise CDCError(f"{config.data.name} has {num_classes} class(es); clustering needs at least 2")
+        raise CDCError(
+            f"{config.data.name} has {num_classes} class(es); clustering needs at least 2"
+        )
     if num_classes > n:
         raise CDCError(
             f"{num_classes} clusters requested but the data has only {n} images; "
@@ -239,7 +243,9 @@ def validate_against_data(config: TrainConfig, n: int, num_classes: int) -> None
                 "images (Eq. 4 takes floor(B / C) samples per class)"
             )
     if config.init.hidden < num_classes and config.cdc.init == "prototype":
-        raise CDCError(f"the hidden size {config.init.hidden} is smaller than the {num_classes} classes")
+        raise CDCError(
+            f"the hidden size {config.init.hidden} is smaller than the {num_classes} classes"
+        )
 
 
 def _scale_for_limit(cdc: CDCConfig, limit: int) -> None:
@@ -322,4 +328,3 @@ __all__ = [
     "validate",
     "validate_against_data",
 ]
-

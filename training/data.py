@@ -61,9 +61,7 @@ class ImageData:
                 f"got {self.images.dtype} with shape {tuple(self.images.shape)}"
             )
         if self.labels is not None and len(self.labels) != len(self.images):
-            raise CDCError(
-                f"{self.name}: {len(self.images)} images but {len(self.labels)} labels"
-            )
+            raise CDCError(f"{self.name}: {len(self.images)} images but {len(self.labels)} labels")
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -171,9 +169,7 @@ def _find(root: Path, names: Sequence[str]) -> Path | None:
 
 def _missing(info_name: str, root: Path, what: str) -> CDCError:
     info = DATASETS[info_name]
-    return CDCError(
-        f"dataset {info_name!r}: {what} not found under {root}. {info.how_to_get}"
-    )
+    return CDCError(f"dataset {info_name!r}: {what} not found under {root}. {info.how_to_get}")
 
 
 def _pick_split(parts: dict[str, tuple[np.ndarray, np.ndarray]], split: str):
@@ -203,7 +199,7 @@ def _load_fashion_mnist(root: Path, split: str, download: bool):
             root = root / "FashionMNIST" / "raw"
     prefixes = {"train": "train", "test": "t10k"}
     parts = {}
-    for part in (("train", "test") if split == "all" else (split,)):
+    for part in ("train", "test") if split == "all" else (split,):
         files = []
         for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"):
             stem = f"{prefixes[part]}-{kind}"
@@ -213,7 +209,9 @@ def _load_fashion_mnist(root: Path, split: str, download: bool):
             files.append(path)
         images, labels = read_idx(files[0]), read_idx(files[1])
         if images.ndim != 3 or images.dtype != np.uint8:
-            raise CDCError(f"{files[0]}: expected uint8 N x 28 x 28 images, got {images.dtype} {images.shape}")
+            raise CDCError(
+                f"{files[0]}: expected uint8 N x 28 x 28 images, got {images.dtype} {images.shape}"
+            )
         if labels.ndim != 1 or len(labels) != len(images):
             raise CDCError(
                 f"{files[1]}: {len(labels)} labels for {len(images)} images in {files[0].name}"
@@ -246,7 +244,7 @@ def _unpickle(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
             return pickle.load(f, encoding="latin1")
-    except Exception as exc:  # noqa: BLE001 - any failure means the file is not usable
+    except Exception as exc:  # any failure means the file is not usable
         raise CDCError(f"{path}: not a readable CIFAR batch file ({exc})") from None
 
 
@@ -321,7 +319,7 @@ def _torchvision_download(dataset_class: str, root: Path) -> None:
             cls(str(root), split="train", download=True)
         else:
             cls(str(root), train=True, download=True)
-    except Exception as exc:  # noqa: BLE001 - network errors of every kind
+    except Exception as exc:  # network errors of every kind
         raise CDCError(f"could not download {dataset_class} to {root}: {exc}") from None
 
 

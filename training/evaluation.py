@@ -49,7 +49,9 @@ def infer(model, data, device: torch.device, batch_size: int = 1024) -> dict[str
     model.eval().to(device)
     parts: dict[str, list[np.ndarray]] = {"features": [], "clu_probs": [], "cal_probs": []}
     for start in range(0, len(data), batch_size):
-        x = normalize_images(data.images[start : start + batch_size].to(device), data.mean, data.std)
+        x = normalize_images(
+            data.images[start : start + batch_size].to(device), data.mean, data.std
+        )
         features, clu_logits, cal_logits = model(x)
         parts["features"].append(features.float().cpu().numpy())
         parts["clu_probs"].append(torch.softmax(clu_logits.float(), 1).cpu().numpy())
@@ -69,7 +71,9 @@ def head_metrics(labels, probs) -> dict[str, float]:
     return {k: float(values[k]) for k in HEAD_KEYS}
 
 
-def student_t_assignment(z: torch.Tensor, centres: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+def student_t_assignment(
+    z: torch.Tensor, centres: torch.Tensor, alpha: float = 1.0
+) -> torch.Tensor:
     """DEC's soft assignment: ``q_ij ~ (1 + ||z_i - mu_j||^2 / alpha)^(-(alpha + 1) / 2)``."""
     d2 = torch.cdist(z, centres).pow(2)
     q = (1.0 + d2 / alpha).pow(-(alpha + 1.0) / 2.0)

@@ -108,7 +108,9 @@ def prototype_init(
             f"does not match hidden={hidden}, classes={num_classes}"
         )
     if features.shape[1] != head.fc1.in_features:
-        raise CDCError(f"features are {features.shape[1]}-d, the head expects {head.fc1.in_features}")
+        raise CDCError(
+            f"features are {features.shape[1]}-d, the head expects {head.fc1.in_features}"
+        )
     if generator is None and seed is not None:
         generator = torch.Generator(device=features.device).manual_seed(seed)
     features = features.float()

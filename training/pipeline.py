@@ -92,7 +92,9 @@ def pretrained_backbone(
     if resume and done.exists():
         state = safe_load(done)
         if state.get("backbone") != config.backbone:
-            raise CDCError(f"{done} holds a {state.get('backbone')} backbone, not {config.backbone}")
+            raise CDCError(
+                f"{done} holds a {state.get('backbone')} backbone, not {config.backbone}"
+            )
         backbone.load_state_dict(state["state_dict"])
         _log(f"pretrain: reusing {done}", config.progress)
         return backbone.to(device).eval()
@@ -110,14 +112,21 @@ def pretrained_backbone(
             amp=config.amp and device.type == "cuda",
         )
     atomic_save(
-        {"backbone": config.backbone, "epochs": config.moco.epochs, "state_dict": backbone.state_dict()},
+        {
+            "backbone": config.backbone,
+            "epochs": config.moco.epochs,
+            "state_dict": backbone.state_dict(),
+        },
         done,
     )
     return backbone.to(device).eval()
 
 
 def initialised_model(
-    config: TrainConfig, backbone: torch.nn.Module, features: torch.Tensor, num_classes: int,
+    config: TrainConfig,
+    backbone: torch.nn.Module,
+    features: torch.Tensor,
+    num_classes: int,
     resume: bool,
 ) -> ClusteringModel:
     """Stage 4: both heads initialised (prototypes or random), or ``init.pt`` when resuming."""
@@ -161,7 +170,9 @@ def _ruc_pseudo_labels(config: TrainConfig, data, features: torch.Tensor, device
         return labels.cpu(), probs.max(dim=1).values.cpu()
     path = Path(source)
     if not path.is_file():
-        raise CDCError(f"--init-from {source!r}: use kmeans, a model.pth or a labels .npy/.csv file")
+        raise CDCError(
+            f"--init-from {source!r}: use kmeans, a model.pth or a labels .npy/.csv file"
+        )
     if path.suffix == ".pth":
         from cdc_serve_training.checkpoint import load_model
 
@@ -207,7 +218,10 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
 
     data = load_data(config)
     lap("data")
-    _log(f"{data.name}: {len(data)} images, {data.num_classes} classes, device {device}", config.progress)
+    _log(
+        f"{data.name}: {len(data)} images, {data.num_classes} classes, device {device}",
+        config.progress,
+    )
     augmenter = Augmenter(data.size, data.mean, data.std)
 
     backbone = pretrained_backbone(config, data, augmenter, device, resume)

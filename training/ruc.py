@@ -346,6 +346,7 @@ class RUCConfig:
     tau2_start: float = 0.9  # refurbishing threshold schedule: start ...
     tau2_step: float = 0.02  # ... + step ...
     tau2_every: float = 0.2  # ... every this fraction of training (40 of 200 epochs)
+    refurbish_max: int | None = None  # score at most this many unclean samples per epoch
     hidden_dim: int = 512  # MLP head width
     eval_batch_size: int = 1024
 
@@ -380,15 +381,19 @@ class RUCConfig:
 
 
 #: CPU preset: RUC on K-means pseudo-labels of all 70,000 Fashion-MNIST images with the
-#: quick small CNN in a few minutes on 2 cores (few epochs, capped batch counts).
+#: quick small CNN in a few minutes on 2 cores: 3 epochs of 30 steps per network with
+#: batches of 64 clean + 64 unclean images, one weak view (M = 1) for the guesses, and
+#: co-refurbishing scored on at most 8,192 unclean samples per epoch. Everything else
+#: (lr, lambda_U, eps, T, alpha, tau_1, k, tau_2 schedule) as in the paper.
 QUICK_RUC = RUCConfig(
-    epochs=4,
-    batch_size=128,
-    steps_per_epoch=40,
-    lr=0.01,
+    epochs=3,
+    batch_size=64,
+    steps_per_epoch=30,
+    num_views=1,
     rampup_epochs=1.0,
+    refurbish_max=8192,
     hidden_dim=128,
-    eval_batch_size=2048,
+    eval_batch_size=1024,
 )
 
 
@@ -453,9 +458,9 @@ def _predict(net: nn.Module, images: Tensor, augmenter, device, batch_size: int)
     return torch.cat(out)
 
 
-def _cosine_lr(cfg: RUCConfig, step: int, total: int) -> float:
-    """Cosine annealing of the learning rate from ``cfg.lr`` to 0 over ``total`` steps."""
-    return 0.5 * cfg.lr * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
+def _cosine_lr(cfg: RUCConfig, progress_epochs: float) -> float:
+    """Cosine annealing of the learning rate from ``cfg.lr`` to 0 over ``cfg.epochs``."""
+    return 0.5 * cfg.lr * (1.0 + math.cos(math.pi * min(progress_epochs / cfg.epochs, 1.0)))
 
 
 @dataclass
@@ -469,8 +474,6 @@ class _Run:
     device: torch.device
     gen: torch.Generator  # CPU: batches, MixMatch
     aug_gen: torch.Generator  # on the device: augmentation parameters
-    steps: int  # per epoch and network
-    total_steps: int
 
 
 def _train_one_epoch(
@@ -481,6 +484,7 @@ def _train_one_epoch(
     mask: Tensor,
     labels: Tensor,
     epoch: int,
+    steps: int,
 ) -> dict[str, float]:
     """One epoch of Algorithm 1 for network ``net`` with counter network ``counter``.
 
@@ -496,16 +500,17 @@ def _train_one_epoch(
     bx = min(cfg.batch_size, clean_idx.numel())
     bu = min(cfg.batch_size, unclean_idx.numel())
     # clean batches: consecutive slices of fresh permutations of the clean set
-    rounds = math.ceil(run.steps * bx / clean_idx.numel())
+    rounds = math.ceil(steps * bx / clean_idx.numel())
     order = torch.cat(
         [clean_idx[torch.randperm(clean_idx.numel(), generator=gen)] for _ in range(rounds)]
     )
     net.train()
     counter.eval()
     sums = dict.fromkeys(("loss", "loss_strong", "loss_x", "loss_u"), 0.0)
-    for step in range(run.steps):
+    for step in range(steps):
+        progress = epoch + step / steps
         for group in optimizer.param_groups:
-            group["lr"] = _cosine_lr(cfg, epoch * run.steps + step, run.total_steps)
+            group["lr"] = _cosine_lr(cfg, progress)
         xi = order[step * bx : (step + 1) * bx]
         xb = run.images[xi].to(dev)
         y = F.one_hot(labels[xi], run.num_classes).float().to(dev)
@@ -531,16 +536,16 @@ def _train_one_epoch(
         logits = net(mixed_x)
         n_x = bx * cfg.num_views
         loss_x = soft_cross_entropy(logits[:n_x], mixed_t[:n_x])
+        # Eq. 7 averaged over classes too, as MixMatch's code does (lambda_U's scale)
         loss_u = F.mse_loss(F.softmax(logits[n_x:], 1), mixed_t[n_x:]) if bu else 0 * loss_x
-        ramp = unsup_ramp(epoch + step / run.steps, cfg)
-        loss = loss_strong + loss_x + cfg.lambda_u * ramp * loss_u  # Eq. 10
+        loss = loss_strong + loss_x + cfg.lambda_u * unsup_ramp(progress, cfg) * loss_u  # Eq. 10
 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         for key, value in zip(sums, (loss, loss_strong, loss_x, loss_u), strict=True):
             sums[key] += float(value.detach())
-    return {key: value / run.steps for key, value in sums.items()}
+    return {key: value / steps for key, value in sums.items()}
 
 
 def _quality_or_size(mask: Tensor, labels: Tensor, true_labels: Tensor | None) -> dict:
@@ -656,9 +661,7 @@ def train_ruc(
         report["history"] = state["history"]
         start_epoch = int(state["epoch"]) + 1
 
-    steps_full = math.ceil(int(mask.sum()) / cfg.batch_size)
-    steps = min(steps_full, cfg.steps_per_epoch or steps_full)
-    run = _Run(images, augmenter, cfg, num_classes, device, gen, aug_gen, steps, cfg.epochs * steps)
+    run = _Run(images, augmenter, cfg, num_classes, device, gen, aug_gen)
     epochs = range(start_epoch, cfg.epochs)
     if progress:
         from tqdm import tqdm
@@ -667,15 +670,21 @@ def train_ruc(
     for epoch in epochs:
         unclean_idx = (~mask).nonzero().flatten()
         row: dict[str, Any] = {"epoch": epoch + 1}
+        # one pass over the (growing) clean set, or at most cfg.steps_per_epoch batches
+        steps = math.ceil(int(mask.sum()) / cfg.batch_size)
+        steps = min(steps, cfg.steps_per_epoch or steps)
         for k_net in range(2):  # Algorithm 1: "for k in {1, 2}"
             other = nets[1 - k_net]
             losses = _train_one_epoch(
-                run, nets[k_net], other, optimizers[k_net], mask, labels, epoch
+                run, nets[k_net], other, optimizers[k_net], mask, labels, epoch, steps
             )
             row[f"net{k_net + 1}"] = losses
         # co-refurbishing at the end of the epoch (Eq. 18-19)
         tau2 = tau2_at(epoch, cfg)
         moved = torch.empty(0, dtype=torch.long)
+        if cfg.refurbish_max is not None and unclean_idx.numel() > cfg.refurbish_max:
+            pick = torch.randperm(unclean_idx.numel(), generator=gen)[: cfg.refurbish_max]
+            unclean_idx = unclean_idx[pick.sort().values]  # a random subset (CPU budget)
         if unclean_idx.numel():
             sub = images[unclean_idx]
             probs = [_predict(net, sub, augmenter, device, cfg.eval_batch_size) for net in nets]
