@@ -282,3 +282,26 @@ class Section:
     markdown: str
     goals: list[tuple[str, str, bool | None]] = field(default_factory=list)  # (goal, measured, met)
     data: dict = field(default_factory=dict)  # raw figures, for --json
+
+
+def profile_top_ops(
+    fn: Callable[[], object], top: int = 5, runs: int = 2
+) -> list[tuple[str, float]]:
+    """The ``top`` torch operators by self CPU time over ``runs`` calls of ``fn`` (torch.profiler).
+
+    Returns (operator, share of the profiled self CPU time) pairs; a cheap "why" for a report.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()  # warm-up outside the profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(runs):
+            fn()
+    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+    return [(e.key, e.self_cpu_time_total / total) for e in events[:top]]
+
+
+def fmt_profile(ops: list[tuple[str, float]]) -> str:
+    return ", ".join(f"`{name}` {100 * share:.0f} %" for name, share in ops)

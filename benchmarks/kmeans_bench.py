@@ -27,11 +27,13 @@ from benchmarks.common import (
     BenchSettings,
     Section,
     cpu_cores,
+    fmt_profile,
     fmt_ratio,
     interleaved,
     matmul_contenders,
     md_table,
     met,
+    profile_top_ops,
     repeat,
 )
 
@@ -56,6 +58,7 @@ def inertia(x: np.ndarray, centres: np.ndarray, labels: np.ndarray) -> float:
 def run(settings: BenchSettings, sizes: tuple[int, int, int]) -> Section:
     import torch
     from sklearn.cluster import KMeans
+    from threadpoolctl import threadpool_limits
 
     from cdc_serve_training.kmeans import kmeans, kmeans_plusplus
 
@@ -103,6 +106,20 @@ def run(settings: BenchSettings, sizes: tuple[int, int, int]) -> Section:
             ).fit(x_np)
         ),
     }
+
+    def one_thread(fn):
+        def call():
+            torch.set_num_threads(1)
+            try:
+                with threadpool_limits(1):
+                    fn()
+            finally:
+                torch.set_num_threads(cpu_cores())
+
+        return repeat(call)
+
+    contenders["torch_1t"] = one_thread(lambda: run_torch(x_cpu, init))
+    contenders["sklearn_1t"] = one_thread(run_sklearn)
     matmuls, matmul_flop = matmul_contenders(settings)
     contenders.update(matmuls)
     m = interleaved(contenders, settings)
@@ -118,6 +135,7 @@ def run(settings: BenchSettings, sizes: tuple[int, int, int]) -> Section:
         "seconds": {name: mm.seconds for name, mm in m.items() if not name.startswith("matmul")},
     }
 
+    data["profile_torch"] = profile_top_ops(lambda: run_torch(x_cpu, init))
     gpu = gpu_pp = None
     if settings.device == "cuda":
         x_gpu, init_gpu = x_cpu.cuda(), init.cuda()
@@ -189,6 +207,25 @@ def run(settings: BenchSettings, sizes: tuple[int, int, int]) -> Section:
             "project kmeans, same initial centres", "cpu", m["torch"], t_iters, t_cost, m["sklearn"]
         ),
     ]
+    rows += [
+        row(
+            "scikit-learn KMeans (lloyd), same initial centres, 1 thread",
+            "cpu",
+            m["sklearn_1t"],
+            sk_iters,
+            sk_cost,
+            m["sklearn_1t"],
+        ),
+        row(
+            "project kmeans, same initial centres, 1 thread",
+            "cpu",
+            m["torch_1t"],
+            t_iters,
+            t_cost,
+            m["sklearn_1t"],
+        ),
+    ]
+    data["speedup_cpu"]["same_init_1_thread"] = m["sklearn_1t"].seconds / m["torch_1t"].seconds
     if gpu is not None:
         rows.append(
             row("project kmeans, same initial centres", "cuda", gpu, t_iters, t_cost, m["sklearn"])
@@ -217,7 +254,9 @@ def run(settings: BenchSettings, sizes: tuple[int, int, int]) -> Section:
         '`kmeans_plusplus` result; "its k-means++ init": each runs its own greedy k-means++ '
         "(2 + log K candidates per centre) first, as CDC's training step does on every batch. "
         f"Median of {settings.rounds} alternating rounds, time per complete K-means run; both "
-        f"libraries use all {cpu_cores()} usable cores. Project kmeans = "
+        f"libraries use all {cpu_cores()} usable cores, except the rows marked 1 thread "
+        "(torch.set_num_threads(1) and threadpoolctl for scikit-learn; they show the ratio "
+        "without threads waiting for each other on a busy machine). Project kmeans = "
         "`cdc_serve_training.kmeans.kmeans`.",
         "",
         md_table(
@@ -232,6 +271,9 @@ def run(settings: BenchSettings, sizes: tuple[int, int, int]) -> Section:
         f"Floor: the {t_iters + 1} distance matrix products of a run (one per assignment step, "
         f"2·B·K·D FLOP each) take {ms(gemm_floor)} at the float32 matrix-product rate measured "
         f"in the same rounds ({peak / 1e9:.1f} GFLOP/s).",
+        "",
+        "Where the project's K-means (same initial centres, CPU) spends its time, by "
+        "torch.profiler self CPU time over two runs: " + fmt_profile(data["profile_torch"]) + ".",
     ]
     if "peak_gpu_memory_mib" in data:
         lines.append(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import time
@@ -70,8 +71,19 @@ def parse_sizes(text: str | None, quick: bool) -> tuple[int, int, int]:
     return b, k, d
 
 
-def header_markdown(settings: BenchSettings, extra_versions: dict[str, str]) -> str:
+def load_average() -> str:
+    try:
+        return " / ".join(f"{v:.1f}" for v in os.getloadavg()) + " (1 / 5 / 15 min)"
+    except OSError:
+        return "unknown"
+
+
+def header_markdown(
+    settings: BenchSettings, extra_versions: dict[str, str], load_at_start: str
+) -> str:
     info = machine_info(settings.device)
+    info["load average at start"] = load_at_start
+    info["load average at end"] = load_average()
     vers = {**versions(), **extra_versions}
     return "\n".join(
         [
@@ -93,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = parse_sizes(args.sizes, args.quick)
     settings = BenchSettings.make(quick=args.quick, device=resolve_device(args.device))
 
+    load_at_start = load_average()
     sections: list[Section] = []
     failed: list[str] = []
     for name in ORDER:
@@ -126,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
             extra["tritonserver"] = s.data["tritonserver"]
     extra.setdefault("tritonserver", "not started in this run")
     command = "python -m benchmarks.run " + shlex.join(argv if argv is not None else sys.argv[1:])
-    path = write_report(args.out, header_markdown(settings, extra), sections, command.strip())
+    path = write_report(
+        args.out, header_markdown(settings, extra, load_at_start), sections, command.strip()
+    )
     print(f"[bench] wrote {path}", file=sys.stderr)
     if args.json:
         args.json.write_text(

@@ -24,6 +24,8 @@ contenders after one warm-up step each.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import functools
 import sys
 
 import torch
@@ -33,11 +35,13 @@ from benchmarks.common import (
     Measurement,
     Section,
     cpu_cores,
+    fmt_profile,
     fmt_rate,
     fmt_ratio,
     interleaved,
     md_table,
     met,
+    profile_top_ops,
 )
 from benchmarks.model import CHANNELS, NUM_CLASSES, SIZE, build_model, quick_preset
 
@@ -191,6 +195,8 @@ def run(settings: BenchSettings) -> Section:
     devices = ["cpu"] + (["cuda"] if settings.device == "cuda" else [])
     base = build_model(sizes)
     worker_options = (cores,) if settings.quick else (0, cores)
+    # a PIL round lasts seconds: three alternating rounds are enough and keep `make bench` short
+    timing = dataclasses.replace(settings, rounds=min(settings.rounds, 3))
 
     tables, goals, data = [], [], {"config": vars(cfg), "images": source, "steps_per_round": steps}
     for dev_name in devices:
@@ -209,8 +215,16 @@ def run(settings: BenchSettings) -> Section:
             work(1)
         sync = torch.cuda.synchronize if dev_name == "cuda" else None
         print(f"[bench]   training on {dev_name}: timing", file=sys.stderr, flush=True)
-        m = interleaved(contenders, settings, units=dict.fromkeys(contenders, steps), sync=sync)
+        m = interleaved(contenders, timing, units=dict.fromkeys(contenders, steps), sync=sync)
         table, goal, figures = _results(dev_name, m, trainers, worker_options)
+        if dev_name == "cpu":
+            figures["profile_project"] = profile_top_ops(
+                functools.partial(contenders["project"], 1), runs=1
+            )
+            table += (
+                "\nWhere one project step spends its time on the CPU (torch.profiler, self CPU "
+                "time): " + fmt_profile(figures["profile_project"]) + ".\n"
+            )
         tables.append(table)
         goals.append(goal)
         data[dev_name] = figures
@@ -225,7 +239,7 @@ def run(settings: BenchSettings) -> Section:
         "`cdc_serve_training.cdc._train_batch` (the whole Algorithm 1 step: two no-grad "
         "passes, Eq. 4 selection, mini-cluster K-means, sub-batch losses and Adam steps); "
         "only the source of the views differs. "
-        f"{settings.rounds} alternating rounds of {steps} step(s) of {B} images each after one "
+        f"{timing.rounds} alternating rounds of {steps} step(s) of {B} images each after one "
         "warm-up step; median round reported. The PIL pipeline starts a fresh DataLoader "
         "per round (worker start-up included, as once per epoch in the reference).",
         "",

@@ -10,6 +10,15 @@ from cdc_serve import CDCError
 from cdc_serve_training.backbones import BACKBONES, build_backbone
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small convolutions run fastest on one thread, above all on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("name", BACKBONES)
 @pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize("size", [28, 32, 96])

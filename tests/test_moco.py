@@ -29,6 +29,15 @@ TINY = MocoConfig(
 )  # fmt: skip
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small convolutions run fastest on one thread, above all on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_data(n: int = 64, seed: int = 0) -> ImageData:
     """Four classes of 12x12 images: a bright square in one of the four quadrants, plus noise."""
     g = torch.Generator().manual_seed(seed)
@@ -48,11 +57,12 @@ def run(cfg: MocoConfig, data: ImageData, **kwargs) -> torch.nn.Module:
 
 
 def test_loss_decreases_on_a_tiny_dataset() -> None:
-    cfg = replace(TINY, epochs=12, lr=0.3)
-    net = run(cfg, tiny_data(128))
+    cfg = replace(TINY, epochs=8, lr=0.3)
+    net = run(cfg, tiny_data(96))
     losses = [h["loss"] for h in net.moco_history]
-    assert len(losses) == 12
-    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+    assert len(losses) == 8
+    # From epoch 2 on the queue holds real keys (the random start is easier to beat).
+    assert sum(losses[-2:]) / 2 < sum(losses[1:3]) / 2 - 0.1
     assert not net.training
 
 

@@ -48,6 +48,7 @@ class InitConfig:
     ortho_steps: int = 2000  # "orthogonalisation" refinement steps per weight matrix
     ortho_lr: float = 0.1
     kmeans_iters: int = 100
+    max_samples: int | None = None  # K-means of the init on a random subset (CPU shortcut)
 
 
 @dataclass

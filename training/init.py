@@ -95,12 +95,15 @@ def prototype_init(
     generator: torch.Generator | None = None,
     seed: int | None = None,
     kmeans_iters: int = 100,
+    max_samples: int | None = None,
 ) -> None:
     """Initialise ``head`` in place from the backbone ``features`` (``N x D``) of the whole data set.
 
     Sets ``fc1.weight = W1``, ``fc2.weight = W2`` (biases 0) and the BatchNorm's running
     statistics from the data (see the module docstring). ``generator`` (or ``seed``)
-    makes the two K-means runs reproducible.
+    makes the two K-means runs reproducible. ``max_samples`` runs the two K-means on a
+    seeded random subset of that many rows (a CPU shortcut; the BatchNorm statistics
+    always use every row).
     """
     if head.fc1.out_features != hidden or head.fc2.out_features != num_classes:
         raise CDCError(
@@ -114,15 +117,21 @@ def prototype_init(
     if generator is None and seed is not None:
         generator = torch.Generator(device=features.device).manual_seed(seed)
     features = features.float()
+    sample = features
+    if max_samples is not None and max_samples < features.shape[0]:
+        source = generator.device if generator is not None else features.device
+        pick = torch.randperm(features.shape[0], generator=generator, device=source)[:max_samples]
+        sample = features[pick.to(features.device)]
     with torch.no_grad():
-        w1, _ = prototypes(features, hidden, n_iter=kmeans_iters, generator=generator)
+        w1, _ = prototypes(sample, hidden, n_iter=kmeans_iters, generator=generator)
     w1 = orthogonalize(w1, ortho_steps, ortho_lr)
     with torch.no_grad():
         head.fc1.weight.copy_(w1)
         head.fc1.bias.zero_()
         h = features @ w1.T
         _set_batchnorm_from_data(head.bn, h)
-        hidden_act = torch.relu(F.batch_norm(h, head.bn.running_mean, head.bn.running_var))
+        stats = (head.bn.running_mean, head.bn.running_var)
+        hidden_act = torch.relu(F.batch_norm(sample @ w1.T, *stats))
         w2, _ = prototypes(hidden_act, num_classes, n_iter=kmeans_iters, generator=generator)
     w2 = orthogonalize(w2, ortho_steps, ortho_lr)
     with torch.no_grad():
@@ -139,6 +148,7 @@ def init_heads(
     ortho_steps: int = 2000,
     ortho_lr: float = 0.1,
     kmeans_iters: int = 100,
+    max_samples: int | None = None,
     seed: int = 0,
 ) -> None:
     """Initialise both heads: prototypes (Sec. 3.3) or PyTorch's random init (Table 2-I ablation).
@@ -157,6 +167,7 @@ def init_heads(
             ortho_lr=ortho_lr,
             generator=generator,
             kmeans_iters=kmeans_iters,
+            max_samples=max_samples,
         )
     elif method == "random":
         state = torch.random.get_rng_state()

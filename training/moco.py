@@ -18,8 +18,9 @@ Details:
 - A checkpoint after every epoch (weights, optimiser, queue, every random state) makes
   ``resume=True`` continue exactly as an uninterrupted run. It holds only tensors and
   plain Python values and is read with ``torch.load(weights_only=True)``.
-- On CUDA: channels-last tensors and (with ``amp``) bf16 autocast; images move to the
-  device once, augmentation runs there (``Augmenter``).
+- Channels-last tensors (faster on GPUs, and ~20 % on this CPU for the small CNN); on
+  CUDA with ``amp``, bf16 autocast. Images move to the device once; augmentation and all
+  random draws of the loop happen there (``Augmenter``, a generator on the device).
 """
 
 from __future__ import annotations
@@ -243,11 +244,14 @@ def pretrain_moco(
     cfg.validate(len(data))
     if checkpoint_path is not None:
         checkpoint_path = Path(checkpoint_path)
-    generator = torch.Generator().manual_seed(seed)
-    model = MoCo(backbone, cfg, generator).to(device)
+    # The queue's random start comes from a CPU generator; every draw of the training loop
+    # (batch order, augmentation, key shuffles) from one generator on the training device,
+    # so nothing is copied between host and device for randomness.
+    model = MoCo(backbone, cfg, torch.Generator().manual_seed(seed)).to(device)
+    generator = torch.Generator(device=device).manual_seed(seed)
     cuda = device.type == "cuda"
-    if cuda:
-        model = model.to(memory_format=torch.channels_last)
+    # Channels-last convolutions are faster on GPUs and on this CPU too (measured ~20 %).
+    model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(
         model.query_parameters(),
         lr=cfg.lr,
@@ -286,20 +290,17 @@ def pretrain_moco(
 
     model.train()
     for epoch in range(start_epoch, cfg.epochs):
-        order = torch.randperm(n, generator=generator)
+        order = torch.randperm(n, generator=generator, device=device)
         total_loss = torch.zeros((), device=device)
         started = time.perf_counter()
         for step in range(steps):
             lr = learning_rate(cfg, epoch * steps + step, steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            index = order[step * cfg.batch_size : (step + 1) * cfg.batch_size].to(device)
-            batch = images[index]
-            x1, x2 = augmenter.moco(batch, generator), augmenter.moco(batch, generator)
-            if cuda:
-                x1 = x1.contiguous(memory_format=torch.channels_last)
-                x2 = x2.contiguous(memory_format=torch.channels_last)
-            shuffle = torch.randperm(len(batch), generator=generator).to(device)
+            batch = images[order[step * cfg.batch_size : (step + 1) * cfg.batch_size]]
+            x1 = augmenter.moco(batch, generator).contiguous(memory_format=torch.channels_last)
+            x2 = augmenter.moco(batch, generator).contiguous(memory_format=torch.channels_last)
+            shuffle = torch.randperm(len(batch), generator=generator, device=device)
             with autocast:
                 model.momentum_update(cfg.key_momentum)
                 q1 = model.query(x1)

@@ -70,6 +70,7 @@ __all__ = [
     "pseudo_labels_from",
     "run_ruc_stage",
     "select_clean",
+    "selection_masks",
     "sharpen",
     "soft_cross_entropy",
     "strategies_markdown",
@@ -548,6 +549,25 @@ def _train_one_epoch(
     return {key: value / steps for key, value in sums.items()}
 
 
+def selection_masks(
+    labels: Tensor, confidences: Tensor | None, embeddings: Tensor | None, cfg: RUCConfig
+) -> dict[str, Tensor]:
+    """The clean-set mask of every strategy the inputs allow (:func:`select_clean`).
+
+    ``confidence`` needs confidences, ``metric`` embeddings, ``hybrid`` both; the kNN
+    vote is computed once and shared by ``metric`` and ``hybrid``.
+    """
+    options = {"tau1": cfg.tau1, "k": cfg.k, "clean_fraction": cfg.clean_fraction}
+    masks: dict[str, Tensor] = {}
+    if confidences is not None:
+        masks["confidence"] = select_clean("confidence", labels, confidences, None, **options)
+    if embeddings is not None:
+        masks["metric"] = select_clean("metric", labels, None, embeddings, **options)
+    if "confidence" in masks and "metric" in masks:
+        masks["hybrid"] = masks["confidence"] & masks["metric"]
+    return masks
+
+
 def _quality_or_size(mask: Tensor, labels: Tensor, true_labels: Tensor | None) -> dict:
     if true_labels is None:
         return {"size": int(mask.sum())}
@@ -570,6 +590,7 @@ def train_ruc(
     hidden_dim: int | None = None,
     checkpoint_path: Path | str | None = None,
     resume: bool = False,
+    clean_masks: dict[str, Tensor] | None = None,
 ):
     """Refine ``pseudo_labels`` of ``data`` with RUC (Algorithm 1); returns (model, report).
 
@@ -583,7 +604,8 @@ def train_ruc(
     The two networks are trained in turn each epoch (network 1 with network 2 as the
     counter network, then the reverse); then co-refurbishing (:func:`co_refurbish`) with
     tau_2 = :func:`tau2_at`. With ``checkpoint_path`` the state is saved after every epoch
-    and ``resume=True`` continues from it.
+    and ``resume=True`` continues from it. ``clean_masks`` (from :func:`selection_masks`)
+    skips recomputing the selections when one caller trains several strategies.
 
     Returns a ``heads.ClusteringModel`` whose backbone and ``cal_head`` are network 2's
     (its softmax is the confidence; ``clu_head`` is a copy of the same head) in eval
@@ -609,16 +631,11 @@ def train_ruc(
     strategy = cfg.strategy
     if strategy == "hybrid" and confidences is None:
         strategy = "metric"  # a labels file has no confidences: hybrid = what is available
-    options = {"tau1": cfg.tau1, "k": cfg.k, "clean_fraction": cfg.clean_fraction}
-    masks: dict[str, Tensor] = {}
-    if confidences is not None:
-        masks["confidence"] = select_clean("confidence", labels, confidences, None, **options)
-    if embeddings is not None:
-        masks["metric"] = select_clean("metric", labels, None, embeddings, **options)
-    if "confidence" in masks and "metric" in masks:
-        masks["hybrid"] = masks["confidence"] & masks["metric"]
+    if clean_masks is None:
+        clean_masks = selection_masks(labels, confidences, embeddings, cfg)
+    masks = clean_masks
     if strategy not in masks:  # raises the clear error about the missing input
-        select_clean(strategy, labels, confidences, embeddings, **options)
+        select_clean(strategy, labels, confidences, embeddings, tau1=cfg.tau1, k=cfg.k)
     mask = masks[strategy].clone()
     if int(mask.sum()) < 2:
         raise CDCError(
@@ -916,10 +933,12 @@ def compare_strategies(
     if cfg.clean_fraction is None:
         cfg = replace(cfg, clean_fraction=KMEANS_CLEAN_FRACTION)
     augmenter = Augmenter(data.size, data.mean, data.std)
+    masks = selection_masks(labels, conf, features, cfg)
     for strategy in strategies:
         model, report = train_ruc(
             backbone, data, labels, conf, features, augmenter, replace(cfg, strategy=strategy),
             device, num_classes=data.num_classes, seed=seed, progress=progress,
+            clean_masks=masks,
         )  # fmt: skip
         cal = infer(model, data, device, cfg.eval_batch_size)["cal_probs"]
         rows.append(
@@ -953,7 +972,12 @@ def strategies_markdown(rows: list[dict]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m cdc_serve_training.ruc --backbone-pt runs/X/backbone.pt``: the strategy table."""
+    """``python -m cdc_serve_training.ruc --backbone-pt runs/X/backbone.pt``: the strategy table.
+
+    RUC on K-means pseudo-labels of the backbone's features with each clean-set strategy
+    (:func:`compare_strategies`), printed as Markdown. A missing ``backbone.pt`` is
+    pretrained first with ``moco.QUICK_MOCO`` (small CNN) and saved there.
+    """
     import argparse
     import json
     import time
@@ -963,10 +987,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     from .data import load_dataset
 
     parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--backbone-pt", required=True, help="backbone.pt of a pipeline run")
+    parser.add_argument(
+        "--backbone-pt", required=True, help="backbone.pt of a run (pretrained here if missing)"
+    )
     parser.add_argument("--dataset", default="fashion-mnist")
     parser.add_argument("--preset", choices=("quick", "paper"), default="quick")
-    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES))
+    parser.add_argument("--strategies", nargs="*", default=list(STRATEGIES))
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
@@ -976,7 +1002,23 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     start = time.perf_counter()
     data = load_dataset(args.dataset, limit=args.limit, seed=args.seed)
-    state = safe_load(args.backbone_pt)
+    path = Path(args.backbone_pt)
+    if not path.exists():  # pretrain the quick backbone (moco.QUICK_MOCO) and keep it
+        from .augment import Augmenter
+        from .checkpoint import atomic_save
+        from .moco import QUICK_MOCO, pretrain_moco
+
+        torch.manual_seed(args.seed)
+        backbone = build_backbone("smallcnn", data.channels, data.size)
+        augmenter = Augmenter(data.size, data.mean, data.std)
+        backbone = pretrain_moco(
+            backbone, data, augmenter, QUICK_MOCO, args.device, seed=args.seed,
+            checkpoint_path=path.with_name("pretrain.ckpt"), resume=True,
+        )  # fmt: skip
+        state = {"backbone": "smallcnn", "epochs": QUICK_MOCO.epochs}
+        atomic_save({**state, "state_dict": backbone.state_dict()}, path)
+        print(f"pretrained {path} in {time.perf_counter() - start:.0f} s")
+    state = safe_load(path)
     backbone = build_backbone(state["backbone"], data.channels, data.size)
     backbone.load_state_dict(state["state_dict"])
     cfg = replace(QUICK_RUC if args.preset == "quick" else RUCConfig())
