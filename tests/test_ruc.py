@@ -474,3 +474,26 @@ def test_train_ruc_hybrid_without_confidences_uses_metric():
         TinyBackbone(), data, pseudo, None, emb, aug, one_step, num_classes=3, progress=False
     )
     assert report["strategy"] == "metric" and set(report["selection"]) == {"metric"}
+
+
+def test_run_ruc_stage_from_kmeans(tmp_path):
+    from types import SimpleNamespace
+
+    data = _synthetic(n_per_class=10)
+    backbone = TinyBackbone()
+    features = data.images.float().flatten(1)
+    config = SimpleNamespace(
+        ruc=RUCConfig(**{**TINY.to_dict(), "epochs": 1, "steps_per_epoch": 1}),
+        init_from="kmeans",
+        seed=0,
+        progress=False,
+        eval_batch_size=64,
+    )
+    model, report = ruc.run_ruc_stage(config, data, backbone, features, "cpu", tmp_path, False)
+    assert (tmp_path / "ruc.ckpt").exists()
+    assert report["init_from"] == "kmeans" and report["strategy"] == "hybrid"
+    # K-means confidences use the per-cluster rank form
+    assert report["config"]["clean_fraction"] == ruc.KMEANS_CLEAN_FRACTION
+    assert report["selection"]["confidence"]["size"] == pytest.approx(15, abs=3)
+    assert set(report["pseudo_labels"]) >= {"acc", "nmi", "ari"}
+    assert model(torch.zeros(2, 1, 12, 12))[2].shape == (2, 3)

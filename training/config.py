@@ -17,7 +17,7 @@ Presets
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from cdc_serve import CDCError
@@ -92,6 +92,7 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast, on CUDA only
     eval_batch_size: int = 1024
     progress: bool = True
+    augment: dict = field(default_factory=dict)  # keyword arguments of augment.Augmenter
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

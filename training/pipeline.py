@@ -42,6 +42,11 @@ from cdc_serve_training.evaluation import (
 from cdc_serve_training.heads import ClusteringModel
 
 
+def _augment_options(options: dict) -> dict:
+    """Augmenter keyword arguments from the config (JSON turns tuples into lists)."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> CUDA if available, else CPU."""
     if name == "auto":
@@ -211,6 +216,8 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
+    cpu_clock = time.process_time()
+
     def lap(stage: str) -> None:
         nonlocal clock
         now = time.perf_counter()
@@ -223,7 +230,7 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
         f"{data.name}: {len(data)} images, {data.num_classes} classes, device {device}",
         config.progress,
     )
-    augmenter = Augmenter(data.size, data.mean, data.std)
+    augmenter = Augmenter(data.size, data.mean, data.std, **_augment_options(config.augment))
 
     backbone = pretrained_backbone(config, data, augmenter, device, resume)
     lap("pretrain")
@@ -312,6 +319,7 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     lap("save")
     log["timings_s"] = timings
     log["total_s"] = round(sum(timings.values()), 2)
+    log["cpu_s"] = round(time.process_time() - cpu_clock, 2)  # all threads: busy-machine check
     (out / "train_log.json").write_text(json.dumps(log, indent=2, default=str) + "\n")
     print_summary(metrics, timings)
     return model_path

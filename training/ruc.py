@@ -18,7 +18,9 @@ Read top-down:
 3. the configuration :class:`RUCConfig` (paper defaults) and :data:`QUICK_RUC` (CPU);
 4. the training loop :func:`train_ruc` (Algorithm 1);
 5. where the pseudo-labels come from: :func:`pseudo_labels_from`;
-6. the pipeline stage :func:`run_ruc_stage`.
+6. the pipeline stage :func:`run_ruc_stage`;
+7. the strategy comparison :func:`compare_strategies` (``python -m cdc_serve_training.ruc``,
+   docs/ABLATIONS-RUC.md).
 
 Choices where the paper leaves room (each is also stated at its function):
 
@@ -28,6 +30,9 @@ Choices where the paper leaves room (each is also stated at its function):
 * tau_2 follows the paper's schedule (0.9, +0.02 every 40 of 200 epochs), expressed as a
   fraction of training so that short CPU runs see the whole schedule; the reference
   code's fixed 0.99 is ``tau2_start=0.99, tau2_step=0``.
+* K-means' soft assignment is no classifier confidence (its maximum stays far below
+  tau_1 = 0.99), so for K-means pseudo-labels the confidence strategy keeps the most
+  confident half of every cluster (``clean_fraction``, :data:`KMEANS_CLEAN_FRACTION`).
 * Co-refurbishing runs at the end of every epoch (Sec. 3.2 "at the end of every epoch"),
   on un-augmented images.
 * The returned model is network 2, the one trained last.
