@@ -136,3 +136,15 @@ def test_schedule_and_config_checks() -> None:
     assert QUICK_MOCO.epochs < PAPER_MOCO.epochs
     with pytest.raises(CDCError, match="larger than"):
         run(replace(TINY, batch_size=128), tiny_data(32))
+    with pytest.raises(CDCError, match="crop_scale"):
+        MocoConfig(crop_scale=(0.5, 0.2)).validate(1000)
+
+
+def test_crop_scale_from_json_lists_resumes(tmp_path: Path) -> None:
+    """A config read back from JSON (lists, not tuples) still resumes its own checkpoint."""
+    data, ckpt = tiny_data(32), tmp_path / "moco.pt"
+    run(replace(TINY, epochs=1, crop_scale=(0.4, 1.0)), data, checkpoint_path=ckpt)
+    net = run(
+        replace(TINY, epochs=2, crop_scale=[0.4, 1.0]), data, checkpoint_path=ckpt, resume=True
+    )
+    assert [h["epoch"] for h in net.moco_history] == [1, 2]

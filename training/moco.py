@@ -61,6 +61,8 @@ class MocoConfig:
     warmup_epochs: float = 50
     symmetric: bool = False
     shuffle_bn_splits: int = 4
+    # Area range of the views' RandomResizedCrop; None keeps the Augmenter's (0.2, 1.0).
+    crop_scale: tuple[float, float] | None = None
 
     def validate(self, n_images: int) -> None:
         """Raise CDCError for settings that cannot train on ``n_images`` images."""
@@ -78,26 +80,34 @@ class MocoConfig:
             raise CDCError(f"MoCo key momentum must lie in [0, 1], got {self.key_momentum}")
         if self.shuffle_bn_splits < 1 or self.batch_size < self.shuffle_bn_splits:
             raise CDCError("MoCo shuffle_bn_splits must be between 1 and the batch size")
+        if self.crop_scale is not None and not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise CDCError(
+                f"MoCo crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}"
+            )
 
 
 # The paper's settings (ResNet-34, GPU).
 PAPER_MOCO = MocoConfig()
 
 # The quick preset: small CNN on a 2-core CPU, all 70,000 Fashion-MNIST images in about
-# five minutes of pretraining (measurements in the module's report / docs).
+# five minutes. Measured on the busy 2-core build machine (1 thread): 4 epochs in 334 s,
+# K-means (k=10) on the features ACC 0.54-0.59 / NMI 0.52-0.54 over three K-means seeds,
+# against 0.476 / 0.512 on raw pixels. Milder crops (0.4-1.0) suit 28-px images; a short
+# run wants a higher learning rate, a small queue and a small projector.
 QUICK_MOCO = MocoConfig(
     epochs=4,
     batch_size=256,
-    lr=0.3,
+    lr=0.6,
     weight_decay=5e-4,
     temperature=0.2,
-    queue_size=8192,
+    queue_size=4096,
     key_momentum=0.99,
     proj_hidden=512,
     proj_dim=128,
     warmup_epochs=0.2,
     symmetric=False,
     shuffle_bn_splits=4,
+    crop_scale=(0.4, 1.0),
 )
 
 
@@ -212,7 +222,13 @@ def load_checkpoint(path: Path) -> dict:
 _RESUME_KEYS = (
     "batch_size", "lr", "momentum", "weight_decay", "temperature", "queue_size",
     "key_momentum", "proj_hidden", "proj_dim", "warmup_epochs", "symmetric", "shuffle_bn_splits",
+    "crop_scale",
 )  # fmt: skip
+
+
+def _plain(value):
+    """Tuples and lists compare equal (a config may come back from JSON with lists)."""
+    return [float(v) for v in value] if isinstance(value, (tuple, list)) else value
 
 
 # ----------------------------------------------------------------------------------------------
@@ -242,6 +258,9 @@ def pretrain_moco(
     """
     device = torch.device(device)
     cfg.validate(len(data))
+    if cfg.crop_scale is not None:
+        augmenter = copy.copy(augmenter)
+        augmenter.crop_scale = (float(cfg.crop_scale[0]), float(cfg.crop_scale[1]))
     if checkpoint_path is not None:
         checkpoint_path = Path(checkpoint_path)
     # The queue's random start comes from a CPU generator; every draw of the training loop
@@ -263,7 +282,7 @@ def pretrain_moco(
     if resume and checkpoint_path is not None and checkpoint_path.is_file():
         state = load_checkpoint(checkpoint_path)
         saved = state["config"]
-        changed = [k for k in _RESUME_KEYS if saved.get(k) != getattr(cfg, k)]
+        changed = [k for k in _RESUME_KEYS if _plain(saved.get(k)) != _plain(getattr(cfg, k))]
         if changed or state["seed"] != seed or state["n_images"] != len(data):
             raise CDCError(
                 f"{checkpoint_path}: cannot resume, the run's settings changed "
