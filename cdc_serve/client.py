@@ -88,8 +88,26 @@ class Scores:
     ood_score: np.ndarray  # float32 (N,)
     probs: np.ndarray  # float32 (N, num_classes)
 
+    def fill(self, p: Prediction, j: int, with_probs: bool = False) -> Prediction:
+        """Copy row ``j`` of these scores into the prediction ``p``."""
+        p.cluster_id = int(self.cluster_id[j])
+        p.confidence = float(self.confidence[j])
+        p.rejected = bool(self.rejected[j])
+        p.ood = bool(self.ood[j])
+        p.ood_score = float(self.ood_score[j])
+        if with_probs:
+            p.probs = [float(v) for v in self.probs[j]]
+        return p
+
 
 # -- backends --------------------------------------------------------------------------
+
+
+def _usable_cores() -> int:
+    """Cores this process may run on (the affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
 
 
 class _LocalRunner:
@@ -100,7 +118,7 @@ class _LocalRunner:
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = threads or os.cpu_count() or 1
+        options.intra_op_num_threads = threads or _usable_cores()
         options.log_severity_level = 3
         providers = ["CPUExecutionProvider"]
         if "CUDAExecutionProvider" in ort.get_available_providers() and _gpu_present():
@@ -502,12 +520,5 @@ class Client:
         if images:
             scores = self.score_images(np.stack(images))
             for j, i in enumerate(good):
-                p = predictions[i]
-                p.cluster_id = int(scores.cluster_id[j])
-                p.confidence = float(scores.confidence[j])
-                p.rejected = bool(scores.rejected[j])
-                p.ood = bool(scores.ood[j])
-                p.ood_score = float(scores.ood_score[j])
-                if return_probs:
-                    p.probs = [float(v) for v in scores.probs[j]]
+                scores.fill(predictions[i], j, with_probs=return_probs)
         return predictions

@@ -479,12 +479,7 @@ def _score_chunk(client: Client, items: list[Item], pool: ThreadPoolExecutor) ->
     if good:
         scores = client.score_images(np.stack([loaded[i] for i in good]))
         for j, i in enumerate(good):
-            p = predictions[i]
-            p.cluster_id = int(scores.cluster_id[j])
-            p.confidence = float(scores.confidence[j])
-            p.rejected = bool(scores.rejected[j])
-            p.ood = bool(scores.ood[j])
-            p.ood_score = float(scores.ood_score[j])
+            scores.fill(predictions[i], j)
     return predictions
 
 

@@ -69,6 +69,23 @@ def test_splits_and_limit(tmp_path: Path) -> None:
     assert a.mean[0] == pytest.approx(float(a.images.float().mean() / 255), abs=1e-5)
 
 
+def test_class_filter_keeps_and_relabels_classes(tmp_path: Path) -> None:
+    root = fake_fmnist(tmp_path / "fm")  # labels 0..9 repeating
+    full = load_dataset("fashion-mnist", root)
+    held_in = load_dataset("fashion-mnist[0-7]", root)
+    held_out = load_dataset("fashion-mnist[9,8]", root)
+    assert held_in.num_classes == 8 and held_out.num_classes == 2
+    assert len(held_in) + len(held_out) == len(full)
+    assert torch.equal(held_in.images, full.images[full.labels < 8])
+    assert torch.equal(held_in.labels, full.labels[full.labels < 8])
+    # Listed order defines the new labels: class 9 -> 0, class 8 -> 1.
+    assert torch.equal(held_out.labels, 9 - full.labels[full.labels >= 8])
+    assert held_out.class_names == [full.class_names[9], full.class_names[8]]
+    for bad in ("fashion-mnist[x]", "fashion-mnist[1,1]", "fashion-mnist[12]"):
+        with pytest.raises(CDCError):
+            load_dataset(bad, root)
+
+
 def test_subset_accepts_indices_masks_and_slices(tmp_path: Path) -> None:
     data = load_dataset("fashion-mnist", fake_fmnist(tmp_path / "fm"))
     assert len(data.subset([0, 2, 4])) == 3

@@ -180,3 +180,30 @@ def test_end_to_end_on_digits(tmp_path):
         model.state_dict().items(), model2.state_dict().items(), strict=True
     ):
         assert torch.equal(a, b), name
+
+
+def test_ablation_report_states_which_claims_held():
+    from cdc_serve_training.ablations import render
+
+    def head(acc, ece):
+        return {"acc": acc, "nmi": acc - 0.05, "ari": acc - 0.1, "ece": ece}
+
+    def run(acc, ece, init=None):
+        return {"metrics": {"kmeans": head(0.5, 0.3), "clu": head(acc, 0.2), "cal": head(acc, ece)},
+                "init": init, "seconds": 1.0}  # fmt: skip
+
+    results = {
+        "cdc": run(0.70, 0.03, init=head(0.55, 0.2)),
+        "random-init": run(0.60, 0.1, head(0.2, 0.1)),
+    }
+    for name in ("fixed-0.99", "fixed-0.95", "fixed-0.9", "fixed-0.8"):
+        results[name] = run(0.65, 0.05)
+    results["fixed-0.8"] = run(0.72, 0.05)  # one fixed threshold beats the dynamic selection
+    results["single-head-clu"] = run(0.66, 0.2)
+    results["single-head-clu+cal"] = run(0.68, 0.1)
+    results["no-stop-gradient"] = run(0.64, 0.04)
+    text = render(results, dataset="fashion-mnist", preset="quick", device="cpu", total_s=60)
+    assert "| II | **CDC-Cal (ours)** | 70.0 | 65.0 | 60.0 | 3.0 |" in text
+    assert "**did not hold**: II. The dynamic" in text
+    assert "**held**: I. The prototype initialisation" in text
+    assert "**held**: V. Without stop-gradient" in text

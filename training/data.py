@@ -418,6 +418,40 @@ def dataset_names() -> list[str]:
 # ----------------------------------------------------------------------------------------------
 
 
+def parse_class_filter(name: str) -> tuple[str, list[int] | None]:
+    """Split ``"fashion-mnist[0-7]"`` into ``("fashion-mnist", [0, ..., 7])``.
+
+    A bracket suffix keeps only the listed classes (``a-b`` ranges and ``,`` lists), e.g.
+    to train on eight Fashion-MNIST classes and hold the other two out as OOD data.
+    """
+    if not name.endswith("]") or "[" not in name:
+        return name, None
+    base, spec = name[:-1].split("[", 1)
+    classes: list[int] = []
+    try:
+        for part in spec.split(","):
+            lo, _, hi = part.partition("-")
+            classes += range(int(lo), int(hi or lo) + 1)
+    except ValueError:
+        raise CDCError(f"bad class list in {name!r}: use e.g. {base}[0-7] or {base}[8,9]") from None
+    if len(set(classes)) != len(classes) or not classes:
+        raise CDCError(f"bad class list in {name!r}: classes must be distinct")
+    return base, classes
+
+
+def _only_classes(images, labels, class_names, classes, name, num_classes):
+    """Keep the images of ``classes``, relabelled 0..len(classes)-1 in the listed order."""
+    if labels is None:
+        raise CDCError(f"{name} has no labels: a class filter needs them")
+    if max(classes) >= num_classes:
+        raise CDCError(f"{name} has classes 0..{num_classes - 1}; asked for {max(classes)}")
+    relabel = torch.full((num_classes,), -1, dtype=torch.int64)
+    relabel[torch.tensor(classes)] = torch.arange(len(classes))
+    keep = relabel[labels] >= 0
+    names = [class_names[c] for c in classes] if class_names else None
+    return images[keep], relabel[labels[keep]], names
+
+
 def load_dataset(
     name: str,
     root: str | os.PathLike | None = None,
@@ -431,7 +465,8 @@ def load_dataset(
     """Load a dataset by name as an :class:`ImageData`.
 
     Args:
-        name: one of ``DATASETS`` or ``"imagefolder:PATH"``.
+        name: one of ``DATASETS`` or ``"imagefolder:PATH"``, optionally with a class
+            filter suffix such as ``"fashion-mnist[0-7]"`` (see :func:`parse_class_filter`).
         root: folder with the dataset's files (default: ``DATASETS[name].default_root``).
         split: ``"train"``, ``"test"`` or ``"all"`` (train + test, as the paper).
         download: fetch missing files with torchvision (never done otherwise).
@@ -443,6 +478,7 @@ def load_dataset(
     """
     if split not in SPLITS:
         raise CDCError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+    name, keep_classes = parse_class_filter(name)
     if limit is not None and limit <= 0:
         raise CDCError(f"limit must be a positive number of images, got {limit}")
     if name.startswith("imagefolder:"):
@@ -461,6 +497,12 @@ def load_dataset(
 
     images_t = torch.from_numpy(np.require(images, np.uint8, ["C", "W"]))
     labels_t = None if labels is None else torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    if keep_classes is not None:
+        images_t, labels_t, class_names = _only_classes(
+            images_t, labels_t, class_names, keep_classes, name, num_classes
+        )
+        num_classes = len(keep_classes)
+        name = f"{name}[{','.join(map(str, keep_classes))}]"
     if limit is not None and limit < len(images_t):
         generator = torch.Generator().manual_seed(seed)
         keep = torch.randperm(len(images_t), generator=generator)[:limit].sort().values

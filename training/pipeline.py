@@ -104,9 +104,14 @@ def pretrained_backbone(
         _log(f"pretrain: reusing {done}", config.progress)
         return backbone.to(device).eval()
     if config.moco.epochs > 0:
+        pretrain_data = data
+        if config.pretrain_limit is not None and config.pretrain_limit < len(data):
+            generator = torch.Generator().manual_seed(config.seed)
+            pick = torch.randperm(len(data), generator=generator)[: config.pretrain_limit]
+            pretrain_data = data.subset(pick.sort().values)
         backbone = pretrain_moco(
             backbone,
-            data,
+            pretrain_data,
             augmenter,
             config.moco,
             device,
