@@ -81,6 +81,10 @@ def test_select_pseudo_labels_hand_made_batch():
     index, labels = select_pseudo_labels(probs, 2)
     assert index.tolist() == [0, 1, 2, 4, 5, 7]
     assert labels.tolist() == [0, 0, 0, 1, 1, 0]
+    # labelled by the column that kept it, row 7 becomes class 1
+    index, labels = select_pseudo_labels(probs, 2, label_by="column")
+    assert index.tolist() == [0, 1, 2, 4, 5, 7]
+    assert labels.tolist() == [0, 0, 0, 1, 1, 1]
 
 
 def test_select_pseudo_labels_adapts_per_class():

@@ -76,7 +76,7 @@ def negative_entropy_loss(cal_probs: torch.Tensor) -> torch.Tensor:
 
 
 def select_pseudo_labels(
-    cal_probs_weak: torch.Tensor, num_classes: int
+    cal_probs_weak: torch.Tensor, num_classes: int, label_by: str = "argmax"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 4: class-wise dynamic selection of pseudo-labels from the calibration head.
 
@@ -84,24 +84,39 @@ def select_pseudo_labels(
     probability in column ``c``; ``M(c) = floor(sum over TOP(c) of the samples'
     confidence)`` (the confidence being a sample's largest probability, as the
     reference code does); the first ``M(c)`` samples of ``TOP(c)`` are kept. A
-    sample's pseudo-label is its argmax. A well-calibrated head thus keeps more samples
-    of the classes it has learnt well and fewer of the others.
+    well-calibrated head thus keeps more samples of the classes it has learnt well and
+    fewer of the others.
+
+    ``label_by="argmax"`` (the paper and the reference): a kept sample's pseudo-label is
+    its argmax. ``label_by="column"``: it is the class ``c`` whose ``TOP(c)`` kept it (the
+    one with the highest probability if several did), as SPICE labels its per-class
+    selections; a class that is nobody's argmax then still gets samples and cannot die
+    out during a short, high-learning-rate schedule.
 
     Returns ``(index, labels)``: sorted, distinct row indices into the batch and their
     pseudo-labels.
     """
     probs = cal_probs_weak.float()
     per_class = probs.shape[0] // num_classes
-    confidence, labels = probs.max(dim=1)
     if per_class == 0:
         empty = torch.zeros(0, dtype=torch.long, device=probs.device)
         return empty, empty
+    confidence = probs.max(dim=1).values
     top = probs.topk(per_class, dim=0).indices  # per_class x C, best first in each column
     # floor of the sum; the small epsilon keeps float32 round-off (e.g. 8.9999995) from
     # dropping a sample
     m = torch.floor(confidence[top].sum(dim=0) + 1e-5).long()
     keep = torch.arange(per_class, device=probs.device)[:, None] < m[None, :]
-    index = torch.unique(top[keep])
+    kept = torch.zeros_like(probs, dtype=torch.bool)
+    columns = torch.arange(num_classes, device=probs.device).expand_as(top)
+    kept[top[keep], columns[keep]] = True
+    index = torch.nonzero(kept.any(dim=1)).flatten()
+    if label_by == "argmax":
+        labels = probs.argmax(dim=1)
+    elif label_by == "column":
+        labels = torch.where(kept, probs, torch.full_like(probs, -1.0)).argmax(dim=1)
+    else:
+        raise CDCError(f"unknown pseudo-label rule {label_by!r}; use argmax or column")
     return index, labels[index]
 
 
@@ -284,7 +299,7 @@ def _train_batch(
 
     # 2. pseudo-labels (Eq. 4, or a fixed threshold for the ablation)
     if cfg.selection == "dynamic":
-        selected, pseudo = select_pseudo_labels(select_probs, num_classes)
+        selected, pseudo = select_pseudo_labels(select_probs, num_classes, cfg.label_by)
     else:
         selected, pseudo = select_fixed_threshold(select_probs, cfg.fixed_threshold)
     labels = torch.full((B,), -1, dtype=torch.long, device=x.device)

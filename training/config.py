@@ -64,6 +64,7 @@ class CDCConfig:
     weight_decay: float = 0.0
     w_en: float = 1.0  # weight of the negative entropy loss (Eq. 3)
     kmeans_iters: int = 20  # Lloyd iterations of the per-batch K-means
+    label_by: str = "argmax"  # Eq. 4 pseudo-label: "argmax" (paper) | "column" (see cdc.py)
     # ablations (paper Table 2)
     init: str = "prototype"  # "prototype" | "random"
     selection: str = "dynamic"  # "dynamic" (Eq. 4) | "fixed"
@@ -123,18 +124,27 @@ ABLATIONS: dict[str, dict[str, Any]] = {
 def _quick_preset() -> dict[str, Any]:
     """Small CNN, few epochs: the whole pipeline on 70,000 28x28 images in < 10 min on 2 cores.
 
-    Tuned on Fashion-MNIST (all 70,000 images). Every knob trades accuracy for CPU time:
-    MoCo-v2 sees half the images once; CDC runs two epochs with larger learning rates
-    than the paper's 100-epoch schedule; the strong view is milder (2 RandAugment ops,
-    an 8-px Cutout, crops of 40-100 % of the image) because on 28-px images the paper's
-    (4 ops, half-side Cutout, 20-100 % crops) made the few CDC steps fit pseudo-labels
-    poorly; ``K = 25`` mini-clusters per 1,000 images (B/K = 40: Fashion-MNIST is a "hard"
-    data set for a briefly pretrained CNN, where the paper advises B/K <= 5..10 and a
-    small K to penalise over-confidence more); the orthogonalisation step is skipped (it
-    cost ~2 points of ACC after init here) and the init's K-means use 20,000 samples.
+    Tuned on Fashion-MNIST (all 70,000 images; ~3.5 minutes on an idle 2-core machine);
+    every knob trades accuracy for CPU time:
+
+    - MoCo-v2 for 4 epochs with a small projector and queue (8 epochs did not help CDC);
+    - CDC for 4 epochs with larger learning rates than the paper's 100-epoch schedule
+      (Adam 1e-3 heads / 3e-4 encoder; 5e-4 / 1e-4 gained less in the same time);
+    - a milder strong view (2 RandAugment ops, 8-px Cutout, 40-100 % crops): with the
+      paper's 4 ops, half-side Cutout and 20-100 % crops the few CDC steps fitted the
+      pseudo-labels poorly on 28-px images;
+    - ``K = 20`` mini-clusters per ``B = 1,000`` images: K = 50 left the calibration head
+      more over-confident (ECE ~9 %), K = 10 reached ECE 5 % but let clusters die out
+      (ACC below K-means);
+    - no orthogonalisation step (it cost ~2 points of ACC right after the init here);
+      the init's K-means on a 20,000-image subset.
+
+    Measured: ACC about 8-10 points above K-means on the same backbone and a calibration
+    head far better calibrated than the clustering head (ECE ~8 % vs ~25 %), but not yet
+    the 5 % ECE that issue 3 asks for.
     """
     moco = MocoConfig(
-        epochs=2,
+        epochs=4,
         batch_size=256,
         lr=0.5,
         momentum=0.9,
@@ -148,10 +158,10 @@ def _quick_preset() -> dict[str, Any]:
     )
     init = InitConfig(hidden=128, ortho_steps=0, ortho_lr=0.1, kmeans_iters=50, max_samples=20000)
     cdc = CDCConfig(
-        epochs=3,
+        epochs=4,
         batch_size=1000,
         sub_batch_size=500,
-        mini_clusters=10,
+        mini_clusters=20,
         lr_heads=1e-3,
         lr_encoder=3e-4,
         kmeans_iters=10,
@@ -213,6 +223,8 @@ def validate(config: TrainConfig) -> TrainConfig:
         raise CDCError(f"unknown selection {c.selection!r}; use dynamic or fixed")
     if not 0.0 < c.fixed_threshold <= 1.0:
         raise CDCError(f"the fixed threshold must be in (0, 1], got {c.fixed_threshold}")
+    if c.label_by not in ("argmax", "column"):
+        raise CDCError(f"unknown pseudo-label rule {c.label_by!r}; use argmax or column")
     if c.heads not in ("dual", "clu", "clu+cal"):
         raise CDCError(f"unknown head setting {c.heads!r}; use dual, clu or clu+cal")
     if c.lr_heads <= 0 or c.lr_encoder < 0:

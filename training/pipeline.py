@@ -36,7 +36,6 @@ from cdc_serve_training.evaluation import (
     head_metrics,
     infer,
     kmeans_baseline,
-    kmeans_clustering,
     metrics_json,
 )
 from cdc_serve_training.heads import ClusteringModel
@@ -173,36 +172,6 @@ def _init_metrics(model: ClusteringModel, features: torch.Tensor, labels) -> dic
     return head_metrics(labels, probs)
 
 
-def _ruc_pseudo_labels(config: TrainConfig, data, features: torch.Tensor, device):
-    """RUC's starting point: (labels, confidences) from K-means, a CDC model.pth or a labels file."""
-    source = config.init_from or "kmeans"
-    if source == "kmeans":
-        labels, probs = kmeans_clustering(features, data.num_classes, seed=config.seed)
-        return labels.cpu(), probs.max(dim=1).values.cpu()
-    path = Path(source)
-    if not path.is_file():
-        raise CDCError(
-            f"--init-from {source!r}: use kmeans, a model.pth or a labels .npy/.csv file"
-        )
-    if path.suffix == ".pth":
-        from cdc_serve_training.checkpoint import load_model
-
-        model, _ = load_model(path)
-        probs = torch.from_numpy(infer(model, data, device, config.eval_batch_size)["cal_probs"])
-        confidence, labels = probs.max(dim=1)
-        return labels, confidence
-    if path.suffix == ".npy":
-        labels = np.load(path, allow_pickle=False)
-    elif path.suffix == ".csv":
-        labels = np.loadtxt(path, delimiter=",", dtype=np.int64, ndmin=2)[:, -1]
-    else:
-        raise CDCError(f"--init-from {path}: expected a .pth, .npy or .csv file")
-    labels = torch.as_tensor(np.asarray(labels).astype(np.int64).ravel())
-    if labels.shape[0] != len(data):
-        raise CDCError(f"--init-from {path}: {labels.shape[0]} labels for {len(data)} images")
-    return labels, None
-
-
 # ----------------------------------------------------------------------------------------------
 # The run
 # ----------------------------------------------------------------------------------------------
@@ -270,25 +239,11 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
         )
         lap("cdc")
     else:
-        from cdc_serve_training.ruc import train_ruc
+        from cdc_serve_training.ruc import run_ruc_stage
 
-        labels, confidences = _ruc_pseudo_labels(config, data, features, device)
         lap("init")
-        model, log["ruc_report"] = train_ruc(
-            backbone,
-            data,
-            labels,
-            confidences,
-            features.cpu(),
-            augmenter,
-            config.ruc,
-            device,
-            num_classes=data.num_classes,
-            seed=config.seed,
-            progress=config.progress,
-            hidden_dim=config.ruc.hidden_dim,
-            checkpoint_path=out / "ruc.ckpt",
-            resume=resume,
+        model, log["ruc_report"] = run_ruc_stage(
+            config, data, backbone, features, device, out, resume, augmenter
         )
         lap("ruc")
 
