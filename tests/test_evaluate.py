@@ -71,9 +71,9 @@ def test_evaluate_cli_errors(tmp_path):
 
 
 @pytest.mark.slow
-def test_ruc_model_exports_and_predicts_through_the_same_client(cdc_model, tmp_path):
-    """`--method ruc --init-from <CDC model.pth>`: a model.pth that exports and scores like CDC's."""
-    config = _tiny_config(tmp_path, "ruc", init_from=str(cdc_model))
+def test_ruc_model_exports_and_predicts_through_the_same_client(tmp_path):
+    """`--method ruc --init-from kmeans`: a model.pth that exports and scores like CDC's."""
+    config = _tiny_config(tmp_path, "ruc", init_from="kmeans")
     model_path = train(config)
     metrics = json.loads((model_path.parent / "metrics.json").read_text())
     assert set(metrics["heads"]["cal"]) >= {"acc", "ece", "auroc"}
