@@ -267,13 +267,15 @@ def ablations(
     runs: Path = typer.Option(Path("runs/ablations"), help="Folder for the runs."),
     data_root: Path | None = typer.Option(None, help="Folder holding the dataset files."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    limit: int | None = typer.Option(None, help="Use a seeded subset of N images for every row."),
 ) -> None:
     """Reproduce the paper's Table 2 (ablations) and write it as Markdown."""
     from cdc_serve_training.ablations import run_ablations
 
     path = run_ablations(
-        dataset=dataset, preset=preset, out=out, runs=runs, data_root=data_root, device=device
-    )
+        dataset=dataset, preset=preset, out=out, runs=runs, data_root=data_root, device=device,
+        limit=limit,
+    )  # fmt: skip
     typer.echo(f"wrote {path}")
 
 

@@ -207,3 +207,15 @@ def test_ablation_report_states_which_claims_held():
     assert "**did not hold**: II. The dynamic" in text
     assert "**held**: I. The prototype initialisation" in text
     assert "**held**: V. Without stop-gradient" in text
+
+
+def test_ablation_report_keeps_text_outside_its_markers():
+    from cdc_serve_training.ablations import END, START, splice
+
+    first = splice("# Ablations\n\nhand-written intro\n", "table v1")
+    assert first.startswith("# Ablations\n\nhand-written intro") and "table v1" in first
+    document = first + "\n## RUC\nstrategies table\n"
+    second = splice(document, "table v2")
+    assert "table v1" not in second and "table v2" in second
+    assert "hand-written intro" in second and second.endswith("## RUC\nstrategies table\n")
+    assert second.count(START) == second.count(END) == 1

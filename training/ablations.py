@@ -191,5 +191,21 @@ def run_ablations(
     )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    out.write_text(splice(out.read_text() if out.exists() else "", text))
     return out
+
+
+START, END = "<!-- ablations:cdc:start -->", "<!-- ablations:cdc:end -->"
+
+
+def splice(document: str, block: str) -> str:
+    """``document`` with the text between the CDC markers replaced by ``block``.
+
+    Everything outside the markers (hand-written text, the RUC section) is kept; the
+    block is appended when the markers are absent.
+    """
+    wrapped = f"{START}\n{block.rstrip()}\n{END}"
+    if START in document and END in document:
+        head, rest = document.split(START, 1)
+        return head + wrapped + rest.split(END, 1)[1]
+    return (document.rstrip() + "\n\n" if document.strip() else "") + wrapped + "\n"

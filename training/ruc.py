@@ -20,7 +20,7 @@ Read top-down:
 5. where the pseudo-labels come from: :func:`pseudo_labels_from`;
 6. the pipeline stage :func:`run_ruc_stage`;
 7. the strategy comparison :func:`compare_strategies` (``python -m cdc_serve_training.ruc``,
-   docs/ABLATIONS-RUC.md).
+   docs/ABLATIONS.md).
 
 Choices where the paper leaves room (each is also stated at its function):
 
