@@ -197,8 +197,8 @@ def run(settings: BenchSettings, *, triton: bool = True) -> Section:
     """Measure every path at every batch size and return the Markdown section."""
     import torch
 
-    from cdc_serve.export import export_onnx
     from cdc_serve_training.heads import CalibratedInference
+    from cdc_serve_training.onnx_export import export_onnx
 
     cores = cpu_cores()
     torch.set_num_threads(cores)

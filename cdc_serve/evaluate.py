@@ -149,33 +149,21 @@ def _load(name: str, split: str, data_root, channels: int, size: tuple[int, int]
 
 
 class _TorchRunner:
-    """Both heads of a trained model.pth, in PyTorch."""
+    """Both heads of a trained model.pth, in PyTorch (through the training package)."""
 
     def __init__(self, path: Path):
-        import torch
-
         from cdc_serve_training.checkpoint import load_model
 
         self.model, self.info = load_model(path)
-        self.model.eval()
         pre = self.info["preprocess"]
         self.channels, self.input_size = int(pre["channels"]), tuple(pre["input_size"])
-        self.mean = torch.tensor(pre["mean"]).view(1, -1, 1, 1)
-        self.std = torch.tensor(pre["std"]).view(1, -1, 1, 1)
         self.ood_params = self.info.get("ood") or {}
 
     def run(self, images: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
-        import torch
+        from cdc_serve_training.evaluation import infer_images
 
-        parts: dict[str, list] = {"clu": [], "cal": [], "embedding": []}
-        with torch.no_grad():
-            for start in range(0, len(images), batch_size):
-                x = torch.from_numpy(images[start : start + batch_size]).float() / 255.0
-                features, clu_logits, cal_logits = self.model((x - self.mean) / self.std)
-                parts["clu"].append(clu_logits.softmax(1).numpy())
-                parts["cal"].append(cal_logits.softmax(1).numpy())
-                parts["embedding"].append(features.numpy())
-        return {k: np.concatenate(v).astype(np.float32) for k, v in parts.items()}
+        out = infer_images(self.model, images, self.info["preprocess"], batch_size)
+        return {"clu": out["clu_probs"], "cal": out["cal_probs"], "embedding": out["features"]}
 
 
 class _OnnxRunner:

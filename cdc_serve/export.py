@@ -9,8 +9,9 @@ Nothing is written as done before it is verified: the ONNX checker, then
 onnxruntime against PyTorch on a real batch of the training data set (max abs
 difference of ``probs`` must be <= 1e-5 in float32).
 
-This module imports torch and the training package only inside functions: the rest
-of ``cdc_serve`` stays torch-free.
+The torch side (tracing, comparing with PyTorch) lives in
+``cdc_serve_training.onnx_export``, imported only when an export runs: ``cdc_serve``
+itself never imports torch.
 """
 
 from __future__ import annotations
@@ -19,14 +20,11 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from cdc_serve import CDCError, __version__
 
 PROBS_TOLERANCE = 1e-5
 FORMATS = ("onnx", "tensorrt")
 BACKENDS = ("onnxruntime", "python")
-OPSET = 17
 
 
 @dataclass
@@ -85,15 +83,21 @@ def export_model(
         _require_tensorrt()
 
     from cdc_serve_training.checkpoint import load_model
+    from cdc_serve_training.onnx_export import (
+        export_onnx,
+        inference_module,
+        verification_batch,
+        verify_onnx,
+    )
 
     model, info = load_model(model_path)
-    inference = _inference_module(model)
-    batch, source = _verification_batch(info, data_root, verify_batch)
+    inference = inference_module(model)
+    batch, source = verification_batch(info, data_root, verify_batch)
 
     with tempfile.TemporaryDirectory(prefix="cdc-export-") as tmp:
         onnx_path = Path(tmp) / "model.onnx"
         export_onnx(inference, batch, onnx_path)
-        max_diff = verify_onnx(inference, batch, onnx_path)
+        max_diff = verify_onnx(inference, batch, onnx_path, tolerance=PROBS_TOLERANCE)
         model_file = onnx_path
         notes: list[str] = []
         if fmt == "tensorrt":
@@ -130,94 +134,6 @@ def export_model(
         verify_source=source,
         notes=notes,
     )
-
-
-def _inference_module(model):
-    """The exported graph: backbone -> calibration head -> softmax, plus the embedding."""
-    from cdc_serve_training.heads import CalibratedInference
-
-    inference = CalibratedInference(model).eval()
-    inference.embedding_dim = model.backbone.out_dim
-    return inference
-
-
-def _verification_batch(info: dict, data_root, n: int) -> tuple[np.ndarray, str]:
-    """A real, normalised batch from the model's own data set (random data if it is absent)."""
-    pre = info["preprocess"]
-    channels, (h, w) = int(pre["channels"]), pre["input_size"]
-    mean = np.asarray(pre["mean"], np.float32).reshape(1, -1, 1, 1)
-    std = np.asarray(pre["std"], np.float32).reshape(1, -1, 1, 1)
-    try:
-        from cdc_serve_training.data import load_dataset
-
-        data = load_dataset(
-            info.get("dataset", ""),
-            root=str(data_root) if data_root else None,
-            split="test",
-            limit=n,
-        )
-        images = data.images[:n].numpy().astype(np.float32)
-        if images.shape[1:] != (channels, h, w):
-            raise CDCError("shape mismatch")
-        source = f"{info.get('dataset')} test split"
-    except CDCError:
-        rng = np.random.default_rng(0)
-        images = rng.integers(0, 256, size=(n, channels, h, w)).astype(np.float32)
-        source = "random images (the training data set was not found)"
-    return ((images / 255.0 - mean) / std).astype(np.float32), source
-
-
-def export_onnx(inference, batch: np.ndarray, path: Path) -> Path:
-    """Trace ``inference`` to ONNX with a dynamic batch axis and run the ONNX checker."""
-    import onnx
-    import torch
-
-    example = torch.from_numpy(batch[:2])
-    names = {"input_names": ["input"], "output_names": ["probs", "embedding"]}
-    axes = {"input": {0: "batch"}, "probs": {0: "batch"}, "embedding": {0: "batch"}}
-    try:  # the TorchScript exporter: fast and exact for these convolutional graphs
-        torch.onnx.export(
-            inference,
-            (example,),
-            str(path),
-            dynamic_axes=axes,
-            opset_version=OPSET,
-            dynamo=False,
-            **names,
-        )
-    except (TypeError, RuntimeError):  # torch versions without it: the dynamo exporter
-        batch_dim = torch.export.Dim("batch", min=1, max=1 << 16)
-        torch.onnx.export(
-            inference,
-            (example,),
-            str(path),
-            dynamic_shapes=({0: batch_dim},),
-            dynamo=True,
-            opset_version=18,
-            **names,
-        )
-    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
-    return path
-
-
-def verify_onnx(inference, batch: np.ndarray, path: Path) -> float:
-    """Max abs difference of ``probs`` between onnxruntime and PyTorch; raise above 1e-5."""
-    import onnxruntime as ort
-    import torch
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    ort_probs, ort_embedding = session.run(["probs", "embedding"], {"input": batch})
-    with torch.no_grad():
-        torch_probs, torch_embedding = inference(torch.from_numpy(batch))
-    diff = float(np.max(np.abs(ort_probs - torch_probs.numpy())))
-    if not diff <= PROBS_TOLERANCE:
-        raise CDCError(
-            f"the exported graph disagrees with PyTorch: max |probs difference| = {diff:.3e} "
-            f"> {PROBS_TOLERANCE:.0e}; nothing was written"
-        )
-    if ort_embedding.shape != tuple(torch_embedding.shape):
-        raise CDCError("the exported embedding has the wrong shape; nothing was written")
-    return diff
 
 
 def build_meta(info: dict, *, name: str, embedding_dim: int) -> dict:

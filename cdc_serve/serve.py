@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import ipaddress
 import os
 import platform
 import shutil
@@ -225,10 +226,14 @@ def _port_is_free(host: str, port: int) -> bool:
 
 def _connect_host(host: str) -> str:
     """The address a local client uses to reach a server bound to ``host``."""
-    if host in ("", "0.0.0.0"):
+    if not host:
         return "127.0.0.1"
-    if host == "::":
-        return "::1"
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:  # a host name
+        return host
+    if address.is_unspecified:  # bound to every address: reach it over loopback
+        return "::1" if address.version == 6 else "127.0.0.1"
     return host
 
 

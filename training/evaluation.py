@@ -59,6 +59,24 @@ def infer(model, data, device: torch.device, batch_size: int = 1024) -> dict[str
     return {k: np.concatenate(v).astype(np.float32) for k, v in parts.items()}
 
 
+def infer_images(
+    model, images: np.ndarray, preprocess: dict, batch_size: int = 1024
+) -> dict[str, np.ndarray]:
+    """:func:`infer` on uint8 ``N x C x H x W`` images, normalised as the model was trained."""
+    from cdc_serve_training.data import ImageData
+
+    data = ImageData(
+        images=torch.from_numpy(np.ascontiguousarray(images, dtype=np.uint8)),
+        labels=None,
+        num_classes=model.num_classes,
+        name="images",
+        mean=tuple(preprocess["mean"]),
+        std=tuple(preprocess["std"]),
+    )
+    with torch.no_grad():
+        return infer(model, data, torch.device("cpu"), batch_size)
+
+
 def _as_numpy(x) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
