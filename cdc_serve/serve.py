@@ -508,7 +508,10 @@ def serve_forever(
     def on_sigterm(signum, frame):
         raise _Terminate()
 
+    # Both handlers are installed explicitly: a shell that starts a job in the background
+    # leaves SIGINT ignored, and Python then raises no KeyboardInterrupt on Ctrl-C.
     previous = signal.signal(signal.SIGTERM, on_sigterm)
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         print(f"starting {binary.path} ({binary.source}) on {repository}", flush=True)
         server.start()
@@ -534,3 +537,4 @@ def serve_forever(
     finally:
         server.stop()
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)

@@ -209,7 +209,12 @@ def test_concurrent_requests_are_batched_and_split_back(served):
     inferences_before, executions_before = stats()
     with concurrent.futures.ThreadPoolExecutor(len(sizes)) as pool:
         results = list(pool.map(send, range(len(sizes))))
-    inferences_after, executions_after = stats()
+    # Triton updates its statistics after the responses go out: wait until they settle.
+    for _ in range(100):
+        inferences_after, executions_after = stats()
+        if inferences_after - inferences_before >= sum(sizes):
+            break
+        time.sleep(0.1)
     for x, probs in results:
         np.testing.assert_allclose(probs, reference(served["tiny_batching"], x)[0], atol=TOLERANCE)
     assert inferences_after - inferences_before == sum(sizes)
