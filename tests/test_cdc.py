@@ -231,3 +231,16 @@ def test_single_head_variants_share_one_head(tmp_path, heads):
         assert torch.equal(a, b)
     if heads == "clu":
         assert history["loss_cal"] == [0.0]
+
+
+def test_a_single_selected_sample_does_not_break_batchnorm(tmp_path, monkeypatch):
+    """A fixed threshold (Table 2-II) can select one sample in a sub-batch: no crash."""
+    from cdc_serve_training import cdc
+
+    def one_sample(probs, *args, **kwargs):
+        return torch.tensor([0]), probs[:1].argmax(dim=1)
+
+    monkeypatch.setattr(cdc, "select_pseudo_labels", one_sample)
+    model, history = _run(tmp_path, epochs=1, resume=False)
+    assert history["loss_clu"] == [0.0]  # the lone sample waits: no clustering step
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -322,7 +322,7 @@ def _train_batch(
         optimizer.zero_grad(set_to_none=True)
         loss = torch.zeros((), device=x.device)
         chosen = torch.nonzero(labels[part] >= 0).flatten() + s * B_s
-        if chosen.numel() > 0:
+        if chosen.numel() > 1:  # BatchNorm needs two samples: a lone selection waits
             with autocast:
                 strong = augmenter.strong(x[chosen], generator=generator)
                 logits = model.clu_head(model.backbone(strong))
