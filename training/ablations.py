@@ -107,7 +107,15 @@ def _claims(results: dict) -> list[tuple[str, bool, str]]:
     return claims
 
 
-def render(results: dict, *, dataset: str, preset: str, device: str, total_s: float) -> str:
+def render(
+    results: dict,
+    *,
+    dataset: str,
+    preset: str,
+    device: str,
+    total_s: float,
+    limit: int | None = None,
+) -> str:
     """The Markdown report."""
     cdc = results["cdc"]
     rows = [
@@ -126,12 +134,14 @@ def render(results: dict, *, dataset: str, preset: str, device: str, total_s: fl
         ("V", "Cal (w/o stop gradient)", results["no-stop-gradient"]["metrics"]["cal"]),
     ]
     lines = [
-        f"# Ablations (paper Table 2) on {dataset}",
+        f"## CDC: the paper's Table 2 on {dataset} (issue 3)",
         "",
-        f"Written by `cdc-serve ablations --dataset {dataset} --preset {preset}` "
+        f"Written by `cdc-serve ablations --dataset {dataset} --preset {preset}"
+        f"{f' --limit {limit}' if limit else ''}` "
         f"(device: {device}, {total_s / 60:.1f} minutes in all). One MoCo-v2 backbone "
         "(the first run's) is shared by every row; each row changes one thing. "
-        "Metrics in percent on all images of the split; the prediction of every trained "
+        f"Metrics in percent on {f'a seeded subset of {limit} images' if limit else 'all images'}; "
+        "the prediction of every trained "
         "row is its calibration head (for the single-head rows, the one head).",
         "",
         "| Type | Setting | ACC | NMI | ARI | ECE |",
@@ -188,6 +198,7 @@ def run_ablations(
         preset=preset,
         device=str(resolve_device(device)),
         total_s=time.perf_counter() - start,
+        limit=limit,
     )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
