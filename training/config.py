@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cdc_serve import CDCError
-from cdc_serve_training.moco import MocoConfig
+from cdc_serve_training.moco import QUICK_MOCO, MocoConfig
 
 PRESETS = ("quick", "paper")
 METHODS = ("cdc", "ruc")
@@ -143,19 +143,7 @@ def _quick_preset() -> dict[str, Any]:
     head far better calibrated than the clustering head (ECE ~8 % vs ~25 %), but not yet
     the 5 % ECE that issue 3 asks for.
     """
-    moco = MocoConfig(
-        epochs=4,
-        batch_size=256,
-        lr=0.5,
-        momentum=0.9,
-        weight_decay=1e-4,
-        temperature=0.2,
-        queue_size=8192,
-        key_momentum=0.99,
-        proj_hidden=512,
-        proj_dim=128,
-        warmup_epochs=0.1,
-    )
+    moco = dataclasses.replace(QUICK_MOCO)  # a copy: configs are mutable
     init = InitConfig(hidden=128, ortho_steps=0, ortho_lr=0.1, kmeans_iters=50, max_samples=20000)
     cdc = CDCConfig(
         epochs=4,
