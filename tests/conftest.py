@@ -144,3 +144,36 @@ def triton_server(triton_binary):
     yield start
     for server in started:
         server.stop()
+
+
+def curl_infer(
+    http_url: str, model: str, x: np.ndarray, outputs: tuple[str, ...] = ("probs",)
+) -> dict[str, np.ndarray]:
+    """POST ``x`` as plain KServe-v2 JSON to ``/v2/models/<model>/infer`` with ``curl``."""
+    import json
+    import shutil
+    import subprocess
+
+    curl = shutil.which("curl")
+    assert curl, "curl is needed for this test (apt-get install curl)"
+    body = {
+        "inputs": [
+            {
+                "name": "input",
+                "shape": list(x.shape),
+                "datatype": "FP32",
+                "data": x.ravel().tolist(),
+            }
+        ],
+        "outputs": [{"name": name} for name in outputs],
+    }
+    done = subprocess.run(
+        [curl, "-sS", "--fail-with-body", "-X", "POST", "-H", "Content-Type: application/json",
+         "--data-binary", "@-", f"http://{http_url}/v2/models/{model}/infer"],
+        input=json.dumps(body), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr + done.stdout
+    return {
+        o["name"]: np.asarray(o["data"], dtype=np.float32).reshape(o["shape"])
+        for o in json.loads(done.stdout)["outputs"]
+    }

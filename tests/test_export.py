@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import pickle
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import curl_infer
 from typer.testing import CliRunner
 
 from cdc_serve import CDCError
@@ -226,45 +225,9 @@ def test_triton_http_grpc_curl_match_onnxruntime_and_pytorch(
         ginp.set_data_from_numpy(x)
         via_grpc = grpc.infer("cdc", [ginp]).as_numpy("probs")
 
-        via_curl = _curl_infer(server.http_url, "cdc", x)
+        via_curl = curl_infer(server.http_url, "cdc", x)["probs"]
 
         for got in (via_http, via_grpc, via_curl):
             assert got.shape == (n, 10)
             np.testing.assert_allclose(got, expected_ort, atol=TOL, rtol=0)
             np.testing.assert_allclose(got, expected_torch, atol=TOL, rtol=0)
-
-
-def _curl_infer(http_url: str, model: str, x: np.ndarray) -> np.ndarray:
-    curl = shutil.which("curl")
-    if curl is None:
-        pytest.fail("curl is needed for this test (apt-get install curl)")
-    body = {
-        "inputs": [
-            {
-                "name": "input",
-                "shape": list(x.shape),
-                "datatype": "FP32",
-                "data": x.ravel().tolist(),
-            }
-        ],
-        "outputs": [{"name": "probs"}],
-    }
-    out = subprocess.run(
-        [
-            curl,
-            "-sf",
-            "-X",
-            "POST",
-            "-H",
-            "Content-Type: application/json",
-            f"http://{http_url}/v2/models/{model}/infer",
-            "--data-binary",
-            "@-",
-        ],
-        input=json.dumps(body).encode(),
-        capture_output=True,
-        check=True,
-        timeout=60,
-    )
-    (output,) = [o for o in json.loads(out.stdout)["outputs"] if o["name"] == "probs"]
-    return np.asarray(output["data"], dtype=np.float32).reshape(output["shape"])

@@ -21,7 +21,7 @@ import urllib.request
 import numpy as np
 import onnxruntime as ort
 import pytest
-from conftest import make_tiny_repository
+from conftest import curl_infer, make_tiny_repository
 
 from cdc_serve import CDCError
 from cdc_serve.serve import TritonServer, check_repository, free_port
@@ -136,34 +136,11 @@ def test_grpc_inference_matches_onnxruntime(served, batch):
 @pytest.mark.triton
 @pytest.mark.parametrize("batch", BATCH_SIZES)
 def test_curl_json_inference_matches_onnxruntime(served, batch, tmp_path):
-    curl = shutil.which("curl")
-    assert curl, "curl is needed for this test (apt-get install curl)"
     x = images(batch, seed=200 + batch)
-    body = {
-        "inputs": [
-            {
-                "name": "input",
-                "shape": list(x.shape),
-                "datatype": "FP32",
-                "data": x.ravel().tolist(),
-            }
-        ],
-        "outputs": [{"name": "probs"}, {"name": "embedding"}],
-    }
-    request = tmp_path / "request.json"
-    request.write_text(json.dumps(body))
-    done = subprocess.run(
-        [curl, "-sS", "--fail-with-body", "-X", "POST", "-H", "Content-Type: application/json",
-         "--data-binary", f"@{request}",
-         f"http://{served['server'].http_url}/v2/models/tiny/infer"],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr + done.stdout
-    outputs = {o["name"]: o for o in json.loads(done.stdout)["outputs"]}
+    got = curl_infer(served["server"].http_url, "tiny", x, outputs=("probs", "embedding"))
     probs, embedding = reference(served["tiny"], x)
-    assert outputs["probs"]["shape"] == [batch, 5]
-    got_probs = np.asarray(outputs["probs"]["data"], dtype=np.float32).reshape(batch, 5)
-    got_embedding = np.asarray(outputs["embedding"]["data"], dtype=np.float32).reshape(batch, -1)
+    assert got["probs"].shape == (batch, 5)
+    got_probs, got_embedding = got["probs"], got["embedding"]
     np.testing.assert_allclose(got_probs, probs, rtol=0, atol=TOLERANCE)
     np.testing.assert_allclose(got_embedding, embedding, rtol=0, atol=TOLERANCE)
 
