@@ -51,8 +51,14 @@ class Measurement:
 
     @property
     def seconds(self) -> float:
-        """Median seconds per round."""
+        """Median seconds per round (a round is calibrated to a fixed length: compare
+        contenders by ``throughput`` or ``seconds_per_item``, not by this)."""
         return statistics.median(s for s, _ in self.rounds)
+
+    @property
+    def seconds_per_item(self) -> float:
+        """Median time of one item (unit of work): what "time per run" tables report."""
+        return 1.0 / self.throughput
 
     @property
     def throughput(self) -> float:

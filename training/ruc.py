@@ -688,7 +688,7 @@ def train_ruc(
     if progress:
         from tqdm import tqdm
 
-        epochs = tqdm(epochs, desc="RUC", initial=start_epoch, total=cfg.epochs)
+        epochs = tqdm(epochs, desc="RUC", initial=start_epoch, total=cfg.epochs, disable=None)
     for epoch in epochs:
         unclean_idx = (~mask).nonzero().flatten()
         row: dict[str, Any] = {"epoch": epoch + 1}
