@@ -207,6 +207,9 @@ def test_ablation_report_states_which_claims_held():
     assert "**did not hold**: II. The dynamic" in text
     assert "**held**: I. The prototype initialisation" in text
     assert "**held**: V. Without stop-gradient" in text
+    results["no-stop-gradient"] = run(0.695, 0.04)  # half a point: no evidence either way
+    text = render(results, dataset="fashion-mnist", preset="quick", device="cpu", total_s=60)
+    assert "**tie**: V. Without stop-gradient" in text
 
 
 def test_ablation_report_keeps_text_outside_its_markers():
