@@ -124,8 +124,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
 def _quick_preset() -> dict[str, Any]:
     """Small CNN, few epochs: the whole pipeline on 70,000 28x28 images in < 10 min on 2 cores.
 
-    Tuned on Fashion-MNIST (all 70,000 images; about 4.5 minutes on an idle 2-core
-    machine); every knob trades accuracy for CPU time:
+    Tuned on Fashion-MNIST (all 70,000 images; 312 s on an idle 2-core machine); every
+    knob trades accuracy for CPU time:
 
     - MoCo-v2 for 8 epochs with a small projector and queue (``moco.QUICK_MOCO``);
     - CDC for 4 epochs with larger learning rates than the paper's 100-epoch schedule
@@ -136,15 +136,15 @@ def _quick_preset() -> dict[str, Any]:
     - coarse mini-clusters, ``K = 10`` per ``B = 1,000`` images (about 100 images each),
       and ``w_en = 2``: the calibration target of Eq. 1 averages the clustering head over a
       larger neighbourhood, which is what brings the calibration head's confidence down to
-      its accuracy after so short a schedule (K = 20: ECE 8-9 %, K = 50: 9-11 %);
+      its accuracy after so short a schedule (K = 20: ECE 8.8-11 %);
     - ``label_by="column"`` (see :func:`cdc.select_pseudo_labels`): with coarse
       mini-clusters the calibration head is less confident and, labelled by argmax, a
       cluster could lose every pseudo-label and die (ACC then fell below K-means);
     - no orthogonalisation step (it cost ~2 points of ACC right after the init here);
       the init's K-means on a 20,000-image subset.
 
-    Measured (seed 0, docs/BENCHMARKS.md): CDC-Cal ACC 64.5 % vs 51.7 % for K-means on
-    the same backbone, ECE 4.4 % vs 20.2 % for the clustering head. The figures move
+    Measured (seed 0, docs/BENCHMARKS.md): CDC-Cal ACC 63.9 % vs 51.7 % for K-means on
+    the same backbone, ECE 4.3 % vs 19.9 % for the clustering head. The figures move
     with the seed (seed 1: ACC 55.6 %, ECE 5.8 %): a short schedule is sensitive to where
     the clusters start.
     """
