@@ -178,10 +178,13 @@ def test_concurrent_requests_are_batched_and_split_back(served):
 
     def send(i: int) -> tuple[np.ndarray, np.ndarray]:
         client = httpclient.InferenceServerClient(server.http_url)
-        x = images(sizes[i], seed=300 + i)
-        inp = httpclient.InferInput("input", list(x.shape), "FP32")
-        inp.set_data_from_numpy(x)
-        return x, client.infer("tiny_batching", [inp]).as_numpy("probs")
+        try:
+            x = images(sizes[i], seed=300 + i)
+            inp = httpclient.InferInput("input", list(x.shape), "FP32")
+            inp.set_data_from_numpy(x)
+            return x, client.infer("tiny_batching", [inp]).as_numpy("probs")
+        finally:
+            client.close()  # in this thread: a client closed by the GC in another one warns
 
     inferences_before, executions_before = stats()
     with concurrent.futures.ThreadPoolExecutor(len(sizes)) as pool:
