@@ -116,6 +116,18 @@ def make_tiny_repository(
     )
 
 
+@pytest.fixture
+def one_thread():
+    """Torch on one thread: small convolutions run fastest so, above all on a busy 2-core
+    machine (use with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def triton_binary():
     """The tritonserver binary (skips only where it cannot exist: not Linux x86-64)."""

@@ -9,14 +9,7 @@ from torch import nn
 from cdc_serve import CDCError
 from cdc_serve_training.backbones import BACKBONES, build_backbone
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small convolutions run fastest on one thread, above all on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("name", BACKBONES)
