@@ -201,6 +201,11 @@ def predict(
         0.8, help="Reject predictions whose calibrated confidence is below this."
     ),
     batch_size: int = typer.Option(256, help="Images per request."),
+    shared_memory: str = typer.Option(
+        "auto",
+        help="With --url: send images through system shared memory (auto: when the server "
+        "is on loopback; system: always; none: inside the requests).",
+    ),
     output: Path | None = typer.Option(
         None, help="preds.csv or preds.jsonl (default: print the summary only)."
     ),
@@ -233,6 +238,7 @@ def predict(
         resume=resume,
         labels=labels,
         progress=sys.stderr.isatty() if progress is None else progress,
+        shared_memory=shared_memory,
     )
     typer.echo(summary.format())
 

@@ -54,6 +54,8 @@ from cdc_serve.preprocess import (
     normalise,
     prepare,
 )
+from cdc_serve.shm import MODES as SHM_MODES
+from cdc_serve.shm import SharedInput, SharedMemoryUnavailable, is_loopback
 
 BACKENDS = ("local", "http", "grpc")
 META_PARAMETER = "cdc_meta"
@@ -171,6 +173,7 @@ class _TritonRunner:
         timeout: float,
         retries: int,
         backoff: float,
+        shared_memory: str = "auto",
     ) -> None:
         if protocol == "http":
             import tritonclient.http as module
@@ -186,6 +189,13 @@ class _TritonRunner:
         self.backoff = backoff
         self._local = threading.local()
         self.where = f"Triton server at {self.url} ({protocol})"
+        # input tensors through system shared memory: asked for, or the server is local
+        self.shared_memory = shared_memory == "system" or (
+            shared_memory == "auto" and is_loopback(self.url)
+        )
+        self._shm_required = shared_memory == "system"
+        self._regions: list[SharedInput] = []
+        self._regions_lock = threading.Lock()
 
         client = self._client()
         try:
@@ -223,6 +233,7 @@ class _TritonRunner:
     def _drop_client(self) -> None:
         client = getattr(self._local, "client", None)
         self._local.client = None
+        self._drop_region(client)
         if client is not None:
             with contextlib.suppress(Exception):  # a broken connection may fail to close
                 client.close()
@@ -276,17 +287,60 @@ class _TritonRunner:
             )
         return ModelMeta.from_dict(data, source=source)
 
+    # -- shared memory: one region per worker thread, registered on first use
+
+    def _region(self, client, nbytes: int) -> SharedInput | None:
+        """This thread's shared-memory region (at least ``nbytes``), or None to send in-message."""
+        region = getattr(self._local, "region", None)
+        if region is not None and region.nbytes >= nbytes:
+            return region
+        self._drop_region(client)
+        try:
+            region = SharedInput(client, self.module, nbytes)
+        except SharedMemoryUnavailable as exc:  # connection errors propagate: run() retries
+            if self._shm_required:
+                raise CDCError(
+                    f"{self.where}: cannot use system shared memory: {_short(exc)}"
+                ) from None
+            if self.shared_memory:
+                self.shared_memory = False
+                warnings.warn(
+                    f"{self.where}: system shared memory unavailable ({_short(exc)}); "
+                    "sending tensors inside the requests instead",
+                    stacklevel=2,
+                )
+            return None
+        self._local.region = region
+        with self._regions_lock:
+            self._regions.append(region)
+        return region
+
+    def _drop_region(self, client) -> None:
+        region = getattr(self._local, "region", None)
+        self._local.region = None
+        if region is not None:
+            with self._regions_lock:
+                if region in self._regions:
+                    self._regions.remove(region)
+            region.close(client)
+
     def _infer_once(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         module, client = self.module, self._client()
-        inp = module.InferInput("input", list(x.shape), "FP32")
+        region = self._region(client, x.nbytes) if self.shared_memory else None
+        if region is not None:
+            inp = region.input(x)
+        else:
+            inp = module.InferInput("input", list(x.shape), "FP32")
         if self.protocol == "http":
-            inp.set_data_from_numpy(x, binary_data=True)
+            if region is None:
+                inp.set_data_from_numpy(x, binary_data=True)
             outputs = [
                 module.InferRequestedOutput(n, binary_data=True) for n in ("probs", "embedding")
             ]
             result = client.infer(self.model_name, [inp], self.model_version, outputs=outputs)
         else:
-            inp.set_data_from_numpy(x)
+            if region is None:
+                inp.set_data_from_numpy(x)
             outputs = [module.InferRequestedOutput(n) for n in ("probs", "embedding")]
             result = client.infer(
                 self.model_name,
@@ -315,6 +369,14 @@ class _TritonRunner:
         )
 
     def close(self) -> None:
+        """Unregister and free every thread's shared-memory region, then drop the client."""
+        with self._regions_lock:
+            regions, self._regions = self._regions, []
+        if regions:
+            client = self._client()  # tritonclient objects stay in the thread that made them
+            for region in regions:
+                region.close(client)
+        self._local.region = None
         self._drop_client()
 
 
@@ -352,6 +414,11 @@ class Client:
         batch_size: images per request (default: the server's max batch; local 1024).
         meta: a ModelMeta or ``cdc_meta.json`` path overriding the model's own.
         max_pixels: larger images are refused before decoding.
+        shared_memory: how Triton requests carry their input: ``auto`` (the default) puts
+            it in a system shared-memory region when the server is on loopback, else in
+            the message; ``system`` always uses shared memory (an error if the server
+            cannot open it); ``none`` always sends it in the message. See
+            :mod:`cdc_serve.shm`.
     """
 
     def __init__(
@@ -371,6 +438,7 @@ class Client:
         meta: ModelMeta | str | os.PathLike | None = None,
         backoff: float = 0.5,
         max_pixels: int = MAX_PIXELS,
+        shared_memory: str = "auto",
     ) -> None:
         backend = backend or ("local" if url is None else "http")
         if backend not in BACKENDS:
@@ -379,6 +447,10 @@ class Client:
             raise CDCError(f"reject_below must lie in [0, 1], got {reject_below}")
         if concurrency < 1 or retries < 0:
             raise CDCError("concurrency must be >= 1 and retries >= 0")
+        if shared_memory not in SHM_MODES:
+            raise CDCError(
+                f"shared_memory must be one of {', '.join(SHM_MODES)}, not {shared_memory!r}"
+            )
         self.backend = backend
         self.reject_below = float(reject_below)
         self.max_pixels = max_pixels
@@ -399,7 +471,14 @@ class Client:
                 raise CDCError(f"the {backend} backend needs url=HOST:PORT of a Triton server")
             local_meta = meta or (find_model(model)[1] if model is not None else None)
             runner = _TritonRunner(
-                url, backend, model_name, str(model_version), timeout, retries, backoff
+                url,
+                backend,
+                model_name,
+                str(model_version),
+                timeout,
+                retries,
+                backoff,
+                shared_memory,
             )
             self._runner = runner
             self.meta = local_meta or runner.meta()

@@ -501,10 +501,12 @@ def predict(
     concurrency: int = 4,
     retries: int = PREDICT_RETRIES,
     on_chunk: Callable[[int], None] | None = None,
+    shared_memory: str = "auto",
 ) -> Summary:
     """Score every input and write one row each (see the module docstring).
 
     ``client`` reuses an existing :class:`Client` (``model``/``url`` are then ignored);
+    ``shared_memory`` is :class:`Client`'s (how Triton requests carry their input);
     ``on_chunk(rows_written)`` is called after each chunk is safely on disk (a hook for
     progress reporting and tests).
     """
@@ -535,6 +537,7 @@ def predict(
             concurrency=concurrency,
             retries=retries,
             backoff=1.0,
+            shared_memory=shared_memory,
         )
 
     partial = Path(f"{output}.partial") if output is not None else None

@@ -15,6 +15,7 @@ from cdc_serve.client import Client, Prediction
 from cdc_serve.modelmeta import FORMAT_VERSION, META_FILE, ModelMeta, find_model
 from cdc_serve.ood import OODScorer
 from cdc_serve.preprocess import normalise
+from cdc_serve.shm import is_loopback
 
 
 @pytest.fixture(scope="module")
@@ -197,6 +198,8 @@ def test_constructor_errors(tmp_path):
         Client(model=tmp_path, backend="carrier-pigeon")
     with pytest.raises(CDCError, match="reject_below"):
         Client(model=tmp_path, reject_below=2)
+    with pytest.raises(CDCError, match="shared_memory must be one of auto, system, none"):
+        Client(model=tmp_path, shared_memory="carrier-pigeon")
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "model.onnx").write_bytes(b"garbage")
     tiny_modelmeta().write(tmp_path / "m" / META_FILE)
@@ -215,3 +218,21 @@ def test_unreachable_server_is_one_clear_error(backend):
     url = f"127.0.0.1:{_closed_port()}"
     with pytest.raises(CDCError, match=f"Triton server at {url}.*unreachable"):
         Client(url=url, backend=backend, timeout=5)
+
+
+@pytest.mark.parametrize(
+    ("url", "local"),
+    [
+        ("127.0.0.1:8001", True),
+        ("localhost:8000", True),
+        ("http://127.0.0.1:8000/", True),
+        ("127.0.1.1:8001", True),
+        ("[::1]:8001", True),
+        ("::1", True),
+        ("10.0.0.5:8001", False),
+        ("triton.example.org:443", False),
+        ("https://localhost.example.org:443", False),
+    ],
+)
+def test_is_loopback(url, local):
+    assert is_loopback(url) is local

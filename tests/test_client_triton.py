@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import threading
 import warnings
 from pathlib import Path
@@ -21,6 +22,7 @@ from cdc_serve import CDCError
 from cdc_serve.client import META_PARAMETER, Client
 from cdc_serve.modelmeta import find_model
 from cdc_serve.predict import predict
+from cdc_serve.shm import SharedInput, SharedMemoryUnavailable
 from cdc_serve.triton import add_model_version, meta_parameters
 
 pytestmark = [pytest.mark.slow, pytest.mark.triton]
@@ -79,6 +81,63 @@ def test_local_http_grpc_give_identical_results(served):
                                    rtol=1e-4, atol=1e-5)  # fmt: skip
         assert [p.ood for p in got] == [p.ood for p in ref]
         assert [p.rejected for p in got] == [p.rejected for p in ref]
+
+
+def _our_regions(server) -> tuple[list[str], list[Path]]:
+    """Shared-memory regions of this process: registered with the server, and in /dev/shm."""
+    import tritonclient.http as tc
+
+    prefix = f"cdc-serve-{os.getpid()}-"
+    client = tc.InferenceServerClient(server.http_url)
+    try:
+        status = client.get_system_shared_memory_status()
+    finally:
+        client.close()
+    names = sorted(r["name"] for r in status if r["name"].startswith(prefix))
+    return names, sorted(Path("/dev/shm").glob(prefix + "*"))
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_shared_memory_requests_match_in_message_ones_and_leave_nothing(served, protocol):
+    repo, server = served
+    url = server.http_url if protocol == "http" else server.grpc_url
+    batch = images(100, seed=6)  # 7 requests of at most 16 images from 4 threads
+    with Client(url=url, backend=protocol, shared_memory="none", concurrency=4) as plain:
+        ref = plain.predict(batch, return_probs=True)
+        assert _our_regions(server) == ([], [])
+    for mode in ("auto", "system"):  # auto: the server is on loopback
+        with Client(url=url, backend=protocol, shared_memory=mode, concurrency=4) as client:
+            got = client.predict(batch, return_probs=True)
+            names, files = _our_regions(server)
+            assert 1 <= len(names) <= 4, names  # one region per worker thread
+            assert [f.name for f in files] == names
+        assert _our_regions(server) == ([], [])  # unregistered and unlinked on close
+        assert [p.cluster_id for p in got] == [p.cluster_id for p in ref]
+        np.testing.assert_allclose([p.probs for p in got], [p.probs for p in ref], atol=1e-6)
+        np.testing.assert_allclose([p.ood_score for p in got], [p.ood_score for p in ref],
+                                   rtol=1e-5, atol=1e-6)  # fmt: skip
+
+
+def test_a_region_the_server_cannot_open_is_refused_and_freed(served):
+    """The server really refuses a key it cannot open (as for a client on another host)."""
+    import tritonclient.http as tc
+
+    _, server = served
+
+    class KeyElsewhere:  # a real client that registers a key the server cannot find
+        def __init__(self, real):
+            self.real = real
+
+        def register_system_shared_memory(self, name, key, nbytes):
+            return self.real.register_system_shared_memory(name, key + "-elsewhere", nbytes)
+
+    real = tc.InferenceServerClient(server.http_url)
+    try:
+        with pytest.raises(SharedMemoryUnavailable, match="server cannot open"):
+            SharedInput(KeyElsewhere(real), tc, 4096)
+    finally:
+        real.close()
+    assert _our_regions(server) == ([], [])
 
 
 def test_predict_over_both_protocols_matches_local(served, tmp_path):
@@ -155,6 +214,30 @@ def _sources(path: Path) -> list[str]:
         return [r["source"] for r in csv.DictReader(f)]
 
 
+def test_an_idle_client_registers_its_region_again_after_restart(tmp_path, triton_server):
+    """The new server does not know the old region (404): the retry registers a fresh one."""
+    repo = build_repository(tmp_path, with_full_meta=True)
+    server = triton_server(repo)
+    batch = images(40, seed=7)
+    started: list = []
+    try:
+        with Client(url=server.grpc_url, backend="grpc", model_name="cdc", concurrency=1,
+                    backoff=0.1, shared_memory="system") as client:  # fmt: skip
+            before = client.predict(batch, return_probs=True)
+            old = _our_regions(server)[0]
+            server.stop()
+            _restart_later(server, 0.0, started).join(timeout=180)
+            assert started and _our_regions(started[0])[0] == []  # the new server knows none
+            after = client.predict(batch, return_probs=True)
+            new = _our_regions(started[0])[0]
+            assert len(new) == 1 and new != old
+        np.testing.assert_allclose([p.probs for p in after], [p.probs for p in before])
+        assert _our_regions(started[0]) == ([], [])
+    finally:
+        for s in started:
+            s.stop()
+
+
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_server_restart_mid_run_loses_no_row(tmp_path, triton_server, protocol):
     """The server stops after the first chunk and comes back: the run retries and finishes."""
@@ -173,9 +256,14 @@ def test_server_restart_mid_run_loses_no_row(tmp_path, triton_server, protocol):
 
     url = server.http_url if protocol == "http" else server.grpc_url
     try:
-        summary = predict([tmp_path / "x.npy"], url=url, protocol=protocol, model_name="cdc",
-                          output=out, batch_size=MAX_BATCH, on_chunk=stop_once)  # fmt: skip
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            summary = predict([tmp_path / "x.npy"], url=url, protocol=protocol,
+                              model_name="cdc", output=out, batch_size=MAX_BATCH,
+                              on_chunk=stop_once)  # fmt: skip
         assert threads and started, "the server was never restarted"
+        # the shared-memory regions were registered again with the new server, not given up
+        assert not [w for w in caught if "shared memory" in str(w.message)]
         assert summary.n == n and summary.n_errors == 0
         assert _sources(out) == [f"{tmp_path / 'x.npy'}[{i}]" for i in range(n)]
     finally:
