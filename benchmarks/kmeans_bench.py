@@ -84,28 +84,33 @@ def run(settings: BenchSettings, sizes: tuple[int, int, int]) -> Section:
     t_iters = _iterations_run(lambda n: run_torch(x_cpu, init, n)[1].cpu().numpy(), t_labels_np)
     agree = float((t_labels_np == sk.labels_).mean())
 
+    def run_torch_pp(n_iter=N_ITER):  # a fresh generator: the same k-means++ draw every run
+        return kmeans(x_cpu, k, n_iter=n_iter, tol=0.0, generator=torch.Generator().manual_seed(1))
+
+    def run_sklearn_pp():
+        return KMeans(
+            n_clusters=k,
+            init="k-means++",
+            n_init=1,
+            max_iter=N_ITER,
+            tol=0.0,
+            algorithm="lloyd",
+            random_state=1,
+        ).fit(x_np)
+
+    sk_pp = run_sklearn_pp()
+    tpp_centres, tpp_labels = run_torch_pp()
+    tpp_labels_np = tpp_labels.cpu().numpy()
+    tpp_iters = _iterations_run(lambda n: run_torch_pp(n)[1].cpu().numpy(), tpp_labels_np)
+
     # Fixed units per round: one full K-means run each.
     print(f"[bench]   kmeans B={b} K={k} D={d} on cpu", file=sys.stderr, flush=True)
     contenders = {
         "torch": repeat(lambda: run_torch(x_cpu, init)),
         "sklearn": repeat(run_sklearn),
         "sklearn_elkan": repeat(lambda: run_sklearn("elkan")),
-        "torch_pp": repeat(
-            lambda: kmeans(
-                x_cpu, k, n_iter=N_ITER, tol=0.0, generator=torch.Generator().manual_seed(1)
-            )
-        ),
-        "sklearn_pp": repeat(
-            lambda: KMeans(
-                n_clusters=k,
-                init="k-means++",
-                n_init=1,
-                max_iter=N_ITER,
-                tol=0.0,
-                algorithm="lloyd",
-                random_state=1,
-            ).fit(x_np)
-        ),
+        "torch_pp": repeat(run_torch_pp),
+        "sklearn_pp": repeat(run_sklearn_pp),
     }
 
     def one_thread(fn):
@@ -127,10 +132,17 @@ def run(settings: BenchSettings, sizes: tuple[int, int, int]) -> Section:
     data = {
         "sizes": {"B": b, "K": k, "D": d},
         "n_iter_cap": N_ITER,
-        "iterations": {"torch": t_iters, "sklearn": int(sk.n_iter_)},
+        "iterations": {
+            "torch": t_iters,
+            "sklearn": int(sk.n_iter_),
+            "torch_pp": tpp_iters,
+            "sklearn_pp": int(sk_pp.n_iter_),
+        },
         "inertia": {
             "torch": inertia(x_np, t_centres.cpu().numpy(), t_labels_np),
             "sklearn": float(sk.inertia_),
+            "torch_pp": inertia(x_np, tpp_centres.cpu().numpy(), tpp_labels_np),
+            "sklearn_pp": float(sk_pp.inertia_),
         },
         "label_agreement": agree,
         "seconds_per_run": {
@@ -243,20 +255,35 @@ def run(settings: BenchSettings, sizes: tuple[int, int, int]) -> Section:
         rows.append(
             row("project kmeans, same initial centres", "cuda", gpu, t_iters, t_cost, m["sklearn"])
         )
+    it, cost = data["iterations"], {n: f"{v:.4g}" for n, v in data["inertia"].items()}
     rows += [
         row(
             "scikit-learn KMeans (lloyd), its k-means++ init",
             "cpu",
             m["sklearn_pp"],
-            "",
-            "",
+            it["sklearn_pp"],
+            cost["sklearn_pp"],
             m["sklearn_pp"],
         ),
-        row("project kmeans, its k-means++ init", "cpu", m["torch_pp"], "", "", m["sklearn_pp"]),
+        row(
+            "project kmeans, its k-means++ init",
+            "cpu",
+            m["torch_pp"],
+            it["torch_pp"],
+            cost["torch_pp"],
+            m["sklearn_pp"],
+        ),
     ]
     if gpu_pp is not None:
         rows.append(
-            row("project kmeans, its k-means++ init", "cuda", gpu_pp, "", "", m["sklearn_pp"])
+            row(
+                "project kmeans, its k-means++ init",
+                "cuda",
+                gpu_pp,
+                "",  # the CUDA generator draws another k-means++ init
+                "",
+                m["sklearn_pp"],
+            )
         )
     lines = [
         "## 2. Per-batch mini-cluster K-means",
