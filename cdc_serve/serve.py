@@ -15,7 +15,8 @@ things to run a Python-backend model, which :func:`find_tritonserver` arranges:
    ``sys.prefix`` (hence numpy and onnxruntime) from the ``python3`` it sees on ``PATH``.
 
 :class:`TritonServer` starts the binary on free (or given) ports bound to 127.0.0.1,
-waits for ``/v2/health/ready`` and stops it with SIGTERM (SIGKILL after a grace period).
+waits for ``/v2/health/ready`` and stops it with SIGTERM (SIGKILL after a grace period,
+then it removes the Python backend's ``/dev/shm`` regions that a killed stub leaves).
 :func:`serve_forever` is ``cdc-serve serve``.
 """
 
@@ -38,7 +39,7 @@ import time
 import urllib.error
 import urllib.request
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -356,7 +357,7 @@ class TritonServer:
                 start_new_session=True,  # Ctrl-C reaches us; we stop the server ourselves
             )
         # Never leave a server behind, even if the caller forgets stop().
-        self._finalizer = weakref.finalize(self, _kill_group, self.process)
+        self._finalizer = weakref.finalize(self, _reap, self.process)
 
     def _choose_ports(self) -> None:
         ports = {}
@@ -430,6 +431,7 @@ class TritonServer:
         process = self.process
         if process is None:
             return None
+        regions = _backend_regions(process.pid)  # while the processes that map them still live
         if process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 process.send_signal(signal.SIGTERM)
@@ -438,8 +440,9 @@ class TritonServer:
             except subprocess.TimeoutExpired:
                 _kill_group(process)
                 process.wait(timeout=10)
-        # The Python backend's stub processes are children of the server: make sure they go too.
-        _kill_group(process)
+        # The Python backend's stub processes are children of the server: make sure they go
+        # too, with the shared memory they could not free when killed.
+        _reap(process, regions)
         if self._finalizer is not None:
             self._finalizer.detach()
         return process.returncode
@@ -474,6 +477,41 @@ def _kill_group(process: subprocess.Popen) -> None:
     """SIGKILL the process group the server leads (itself and its stub processes)."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, signal.SIGKILL)
+
+
+def _backend_regions(group: int) -> set[Path]:
+    """The Python backend's shared-memory files mapped by processes of this process group.
+
+    Triton's Python backend keeps one ``/dev/shm/triton_python_backend_shm_region_<uuid>``
+    per model instance and removes it when the model unloads; a server that is killed, or
+    that times out on shutdown, leaves it behind. Read from ``/proc/<pid>/maps`` (Linux).
+    """
+    found: set[Path] = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            if os.getpgid(int(maps.parent.name)) != group:
+                continue
+            text = maps.read_text(encoding="utf-8", errors="replace")
+        except (OSError, ValueError):  # gone meanwhile, or not ours to read
+            continue
+        for line in text.splitlines():
+            at = line.find(_BACKEND_REGION_PREFIX)
+            if at >= 0:
+                found.add(Path(line[at:].removesuffix(" (deleted)")))
+    return found
+
+
+_BACKEND_REGION_PREFIX = "/dev/shm/triton_python_backend_shm_region_"
+
+
+def _reap(process: subprocess.Popen, regions: Iterable[Path] = ()) -> None:
+    """SIGKILL what is left of the server's process group, then remove the backend's
+    shared-memory files (``regions`` and those still mapped) that nobody removed."""
+    regions = set(regions) | _backend_regions(process.pid)
+    _kill_group(process)
+    for path in regions:
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------- cdc-serve serve

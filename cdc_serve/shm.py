@@ -22,7 +22,17 @@ import uuid
 import numpy as np
 
 MODES = ("auto", "system", "none")
+SHM_DIR = "/dev/shm"  # where Linux keeps POSIX shared-memory objects
 _LOOPBACK = {"127.0.0.1", "localhost", "::1", "ip6-localhost"}
+
+
+def shm_free_bytes() -> int | None:
+    """Free bytes in the POSIX shared-memory filesystem (None where there is none to ask)."""
+    try:
+        stat = os.statvfs(SHM_DIR)
+    except OSError:
+        return None
+    return stat.f_bavail * stat.f_frsize
 
 
 def is_loopback(url: str) -> bool:
@@ -57,6 +67,13 @@ class SharedInput:
         self._shm, self.module, self.nbytes = shm, module, int(nbytes)
         self.name = f"cdc-serve-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self.key = "/" + self.name
+        free = shm_free_bytes()
+        if free is not None and self.nbytes > free // 2:
+            # a full tmpfs makes the copy into the mapping crash the process (SIGBUS)
+            raise SharedMemoryUnavailable(
+                f"{SHM_DIR} has {free / 2**20:.0f} MiB free; a {self.nbytes / 2**20:.0f} MiB "
+                "region would leave too little"
+            )
         try:
             self.handle = shm.create_shared_memory_region(self.name, self.key, self.nbytes)
         except Exception as exc:  # noqa: BLE001  no /dev/shm, out of space, ...

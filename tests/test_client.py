@@ -15,7 +15,7 @@ from cdc_serve.client import Client, Prediction
 from cdc_serve.modelmeta import FORMAT_VERSION, META_FILE, ModelMeta, find_model
 from cdc_serve.ood import OODScorer
 from cdc_serve.preprocess import normalise
-from cdc_serve.shm import is_loopback
+from cdc_serve.shm import SharedInput, SharedMemoryUnavailable, is_loopback
 
 
 @pytest.fixture(scope="module")
@@ -236,3 +236,9 @@ def test_unreachable_server_is_one_clear_error(backend):
 )
 def test_is_loopback(url, local):
     assert is_loopback(url) is local
+
+
+def test_a_region_larger_than_half_the_free_shared_memory_is_refused_before_creation():
+    # checked before any region exists or the server is asked (no client needed)
+    with pytest.raises(SharedMemoryUnavailable, match="free"):
+        SharedInput(client=None, module=None, nbytes=2**62)

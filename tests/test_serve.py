@@ -17,6 +17,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -354,6 +355,32 @@ def test_cli_serve_runs_until_signalled(tmp_path, triton_binary, stop_signal):
     assert not reachable("127.0.0.1", http_port), "the server outlived cdc-serve serve"
 
 
+def _backend_shm() -> set[str]:
+    return {p.name for p in Path("/dev/shm").glob("triton_python_backend_shm_region_*")}
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+def test_a_killed_server_leaves_no_python_backend_shared_memory(tmp_path, triton_binary):
+    """An HTTP client keeps its connection open, so Triton's shutdown waits past stop()'s
+    grace and the server is killed: the stub's shared memory is removed all the same."""
+    import tritonclient.http as tc
+
+    make_tiny_repository(tmp_path / "repo", "tiny", instance_kind="KIND_CPU")
+    before = _backend_shm()
+    server = TritonServer(tmp_path / "repo", binary=triton_binary).start().wait_ready()
+    client = tc.InferenceServerClient(server.http_url)
+    try:
+        assert client.is_server_ready()  # the keep-alive connection stays open
+        assert len(_backend_shm() - before) == 1  # one region for the one model instance
+        server.stop(timeout=1)
+        assert server.process.returncode == -signal.SIGKILL  # it really was killed
+    finally:
+        client.close()
+        server.stop()
+    assert _backend_shm() - before == set()
+
+
 @pytest.mark.slow
 @pytest.mark.triton
 def test_lost_port_race_is_retried(tmp_path, triton_binary, monkeypatch):
@@ -373,6 +400,8 @@ def test_lost_port_race_is_retried(tmp_path, triton_binary, monkeypatch):
             return port
 
         monkeypatch.setattr(serve_module, "free_port", first_a_taken_port)
+        before = _backend_shm()
         with TritonServer(tmp_path / "repo", binary=triton_binary) as server:
             assert handed_out[0] == taken and server.http_port != taken
             assert server.is_ready()
+        assert _backend_shm() - before == set()  # nor did the attempt that lost the port
