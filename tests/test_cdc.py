@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from cdc_serve import CDCError
 from cdc_serve_training.augment import Augmenter
 from cdc_serve_training.cdc import (
     _heads,
@@ -220,6 +221,13 @@ def test_resume_is_bit_identical(tmp_path):
         assert torch.equal(a, b), name
     assert history == resumed_history
     assert len(history["selected"]) == 3 and all(0 < s <= 1 for s in history["selected"])
+
+
+def test_resume_with_other_settings_names_what_changed(tmp_path):
+    _run(tmp_path, epochs=1, resume=False)
+    with pytest.raises(CDCError, match=r"other CDC settings \(w_en 1.0 -> 4.0\); delete it"):
+        _run(tmp_path, epochs=2, resume=True, cfg_kwargs={"w_en": 4.0})
+    _run(tmp_path, epochs=2, resume=True)  # more epochs alone may resume
 
 
 @pytest.mark.parametrize("heads", ["clu", "clu+cal"])

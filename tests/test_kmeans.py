@@ -107,3 +107,26 @@ def test_random_init_and_float64() -> None:
     )
     assert centres.dtype == torch.float64
     assert adjusted_rand_score(truth.numpy(), labels.numpy()) > 0.5
+
+
+def test_n_init_keeps_the_lowest_inertia_of_the_same_draws() -> None:
+    # overlapping blobs and random starts: single runs end in different local optima
+    x, _ = blobs(n_per=40, k=8, d=4, spread=4.0, seed=3)
+    draws = torch.Generator().manual_seed(0)
+    singles = [inertia(x, *kmeans(x, 8, init="random", generator=draws)) for _ in range(6)]
+    assert len({round(c, 3) for c in singles}) > 1  # the restarts really differ
+    best = kmeans(x, 8, init="random", n_init=6, generator=torch.Generator().manual_seed(0))
+    assert inertia(x, *best) == pytest.approx(min(singles))
+
+
+@pytest.mark.parametrize(
+    ("n_init", "init", "message"),
+    [
+        (0, "k-means++", "n_init must be a positive integer"),
+        (2.0, "k-means++", "n_init must be a positive integer"),
+        (2, torch.zeros(3, 2), "n_init > 1 needs a drawn init"),
+    ],
+)
+def test_bad_n_init_raises_cdcerror(n_init, init, message) -> None:
+    with pytest.raises(CDCError, match=message):
+        kmeans(torch.randn(10, 2), 3, init=init, n_init=n_init)

@@ -208,9 +208,16 @@ def train_cdc(
     start_epoch = 0
     if resume and checkpoint_path is not None and Path(checkpoint_path).exists():
         state = load_training_state(checkpoint_path, map_location=device)
-        if state.get("config") != _resume_keys(cfg):
+        saved, wanted = state.get("config") or {}, _resume_keys(cfg)
+        if saved != wanted:
+            changed = ", ".join(
+                f"{key} {saved.get(key)!r} -> {wanted.get(key)!r}"
+                for key in sorted(set(saved) | set(wanted))
+                if saved.get(key) != wanted.get(key)
+            )
             raise CDCError(
-                f"cannot resume from {checkpoint_path}: it was written with other CDC settings"
+                f"cannot resume from {checkpoint_path}: it was written with other CDC "
+                f"settings ({changed}); delete it or train into another --out"
             )
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])

@@ -69,12 +69,20 @@ def orthogonalize(
 
 
 def prototypes(
-    x: torch.Tensor, k: int, *, n_iter: int = 100, generator: torch.Generator | None = None
+    x: torch.Tensor,
+    k: int,
+    *,
+    n_iter: int = 100,
+    generator: torch.Generator | None = None,
+    n_init: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eq. 6: ``(Kmeans_k(zscore_l2(x)), assignments)`` -- ``k`` prototypes (``k x D``) and labels."""
+    """Eq. 6: ``(Kmeans_k(zscore_l2(x)), assignments)`` -- ``k`` prototypes (``k x D``) and labels.
+
+    ``n_init`` K-means runs from different k-means++ draws; the lowest-inertia one is kept.
+    """
     if k > x.shape[0]:
         raise CDCError(f"cannot build {k} prototypes from {x.shape[0]} samples")
-    return kmeans(zscore_l2(x), k, n_iter=n_iter, generator=generator)
+    return kmeans(zscore_l2(x), k, n_iter=n_iter, generator=generator, n_init=n_init)
 
 
 @torch.no_grad()
@@ -96,6 +104,7 @@ def prototype_init(
     seed: int | None = None,
     kmeans_iters: int = 100,
     max_samples: int | None = None,
+    kmeans_restarts: int = 1,
 ) -> None:
     """Initialise ``head`` in place from the backbone ``features`` (``N x D``) of the whole data set.
 
@@ -103,7 +112,7 @@ def prototype_init(
     statistics from the data (see the module docstring). ``generator`` (or ``seed``)
     makes the two K-means runs reproducible. ``max_samples`` runs the two K-means on a
     seeded random subset of that many rows (a CPU shortcut; the BatchNorm statistics
-    always use every row).
+    always use every row). ``kmeans_restarts`` is each K-means's ``n_init``.
     """
     if head.fc1.out_features != hidden or head.fc2.out_features != num_classes:
         raise CDCError(
@@ -123,7 +132,9 @@ def prototype_init(
         pick = torch.randperm(features.shape[0], generator=generator, device=source)[:max_samples]
         sample = features[pick.to(features.device)]
     with torch.no_grad():
-        w1, _ = prototypes(sample, hidden, n_iter=kmeans_iters, generator=generator)
+        w1, _ = prototypes(
+            sample, hidden, n_iter=kmeans_iters, generator=generator, n_init=kmeans_restarts
+        )
     w1 = orthogonalize(w1, ortho_steps, ortho_lr)
     with torch.no_grad():
         head.fc1.weight.copy_(w1)
@@ -132,7 +143,13 @@ def prototype_init(
         _set_batchnorm_from_data(head.bn, h)
         stats = (head.bn.running_mean, head.bn.running_var)
         hidden_act = torch.relu(F.batch_norm(sample @ w1.T, *stats))
-        w2, _ = prototypes(hidden_act, num_classes, n_iter=kmeans_iters, generator=generator)
+        w2, _ = prototypes(
+            hidden_act,
+            num_classes,
+            n_iter=kmeans_iters,
+            generator=generator,
+            n_init=kmeans_restarts,
+        )
     w2 = orthogonalize(w2, ortho_steps, ortho_lr)
     with torch.no_grad():
         head.fc2.weight.copy_(w2)
@@ -149,6 +166,7 @@ def init_heads(
     ortho_lr: float = 0.1,
     kmeans_iters: int = 100,
     max_samples: int | None = None,
+    kmeans_restarts: int = 1,
     seed: int = 0,
 ) -> None:
     """Initialise both heads: prototypes (Sec. 3.3) or PyTorch's random init (Table 2-I ablation).
@@ -168,6 +186,7 @@ def init_heads(
             generator=generator,
             kmeans_iters=kmeans_iters,
             max_samples=max_samples,
+            kmeans_restarts=kmeans_restarts,
         )
     elif method == "random":
         state = torch.random.get_rng_state()

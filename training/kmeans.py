@@ -152,6 +152,7 @@ def kmeans(
     tol: float = 1e-4,
     generator: torch.Generator | None = None,
     init: str | torch.Tensor = "k-means++",
+    n_init: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Lloyd's K-means on the rows of ``x`` (N x D, float, any device).
 
@@ -163,6 +164,9 @@ def kmeans(
             assignments no longer change. ``tol=0`` stops only on unchanged assignments.
         generator: seeds the k-means++ / random initialisation.
         init: ``"k-means++"``, ``"random"`` (k distinct rows) or a ``k x D`` tensor.
+        n_init: runs from different initialisations (drawn one after the other from
+            ``generator``); the one with the lowest :func:`inertia` is returned, as
+            scikit-learn's ``n_init``. Must be 1 for a tensor ``init``.
 
     Returns:
         ``(centres k x D, labels N int64)``; labels are the assignment to the returned centres.
@@ -170,19 +174,40 @@ def kmeans(
     _check(x, k)
     if not x.is_floating_point():
         raise CDCError(f"K-means needs floating-point features, got {x.dtype}")
+    if not isinstance(n_init, int) or n_init < 1:
+        raise CDCError(f"n_init must be a positive integer, got {n_init!r}")
+    if n_init > 1 and isinstance(init, torch.Tensor):
+        raise CDCError("n_init > 1 needs a drawn init ('k-means++' or 'random'), not a tensor")
+    best: tuple[float, torch.Tensor, torch.Tensor] | None = None
+    for _ in range(n_init):
+        centres, labels = _lloyd(x, k, n_iter, tol, _initial_centres(x, k, init, generator))
+        cost = inertia(x, centres, labels) if n_init > 1 else 0.0
+        if best is None or cost < best[0]:
+            best = (cost, centres, labels)
+    assert best is not None
+    return best[1], best[2]
+
+
+def _initial_centres(
+    x: torch.Tensor, k: int, init: str | torch.Tensor, generator: torch.Generator | None
+) -> torch.Tensor:
     if isinstance(init, torch.Tensor):
         if tuple(init.shape) != (k, x.shape[1]):
             raise CDCError(f"K-means init must be {k} x {x.shape[1]}, got {tuple(init.shape)}")
-        centres = init.to(device=x.device, dtype=x.dtype).clone()
-    elif init == "k-means++":
-        centres = kmeans_plusplus(x, k, generator)
-    elif init == "random":
+        return init.to(device=x.device, dtype=x.dtype).clone()
+    if init == "k-means++":
+        return kmeans_plusplus(x, k, generator)
+    if init == "random":
         source = generator.device if generator is not None else x.device
         pick = torch.randperm(x.shape[0], generator=generator, device=source)[:k].to(x.device)
-        centres = x[pick].clone()
-    else:
-        raise CDCError(f"unknown K-means init {init!r}; use 'k-means++', 'random' or a tensor")
+        return x[pick].clone()
+    raise CDCError(f"unknown K-means init {init!r}; use 'k-means++', 'random' or a tensor")
 
+
+def _lloyd(
+    x: torch.Tensor, k: int, n_iter: int, tol: float, centres: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd's iterations from ``centres`` (see :func:`kmeans` for ``n_iter`` and ``tol``)."""
     x_sq = x.square().sum(dim=1)
     threshold = tol * float(x.var(dim=0).mean()) if tol > 0 else 0.0
     labels, dist = nearest(x, centres, x_sq)

@@ -156,6 +156,7 @@ def initialised_model(
         ortho_lr=config.init.ortho_lr,
         kmeans_iters=config.init.kmeans_iters,
         max_samples=config.init.max_samples,
+        kmeans_restarts=config.init.kmeans_restarts,
         seed=config.seed,
     )
     atomic_save({"epoch": 0, "state_dict": model.state_dict()}, done)
