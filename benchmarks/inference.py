@@ -17,8 +17,9 @@ calibration head on 1x28x28, random weights: throughput does not depend on them)
 each keep one request of b images in flight). The Triton goal compares gRPC at the same
 *total* batch: ``CONCURRENCY`` clients x (256 / ``CONCURRENCY``) images against
 onnxruntime at batch 256, both ways of carrying the input. As context (not a goal), the
-same split runs on a ResNet-18 variant of the model. The peak fraction divides the model's FLOP/s (conv + linear
-layers counted with forward hooks) by a large float32 matrix product's measured rate.
+same split runs on a ResNet-18 variant of the model. The peak fraction divides the
+model's FLOP/s (conv + linear layers counted with forward hooks) by a large float32
+matrix product's measured rate.
 """
 
 from __future__ import annotations
@@ -410,6 +411,8 @@ def _split(settings, grpc_url, session, batches, model_name=MODEL_NAME) -> dict:
         ),
     }
     try:
+        for load in loads.values():
+            _check_triton(load, session, per)
         contenders = {"ort": ort_work(session, batches[total])}
         contenders.update({name: load.work for name, load in loads.items()})
         m = interleaved(contenders, settings)
