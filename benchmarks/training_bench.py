@@ -111,7 +111,7 @@ class Trainer:
         from cdc_serve_training import cdc
 
         self.cdc = cdc
-        self.model = model.to(device).train()
+        self.model = cdc._to_device(model, device).train()
         self.cfg, self.device = cfg, device
         self.optimizer = cdc._optimizer(self.model, cfg)
         self.select_head, self.cal_head = cdc._heads(self.model, cfg)

@@ -172,6 +172,10 @@ def test_end_to_end_on_digits(tmp_path):
     assert info["arch"]["num_classes"] == 10 and info["preprocess"]["channels"] == 1
     assert info["metrics"] == metrics and info["ood"]
     assert info["config"]["cdc"]["epochs"] == 2
+    log = json.loads((tmp_path / "run" / "train_log.json").read_text())
+    assert len(log["history"]["seconds"]) == 2 and all(t > 0 for t in log["history"]["seconds"])
+    assert log["device"] == "cpu" and log["device_name"] and log["peak_rss_mib"] > 0
+    assert "peak_gpu_memory_mib" not in log  # recorded on CUDA only
 
     # resume: every stage is already done, the result is the same model
     again = train(config, resume=True)

@@ -125,7 +125,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
 def _quick_preset() -> dict[str, Any]:
     """Small CNN, few epochs: the whole pipeline on 70,000 28x28 images in < 10 min on 2 cores.
 
-    Tuned on Fashion-MNIST (all 70,000 images; 312 s on an idle 2-core machine); every
+    Tuned on Fashion-MNIST (all 70,000 images; 320 s on an idle 2-core machine); every
     knob trades accuracy for CPU time:
 
     - MoCo-v2 for 8 epochs with a small projector and queue (``moco.QUICK_MOCO``);
@@ -147,11 +147,12 @@ def _quick_preset() -> dict[str, Any]:
     - no orthogonalisation step (it cost ~2 points of ACC right after the init here);
       the init's K-means on a 20,000-image subset.
 
-    Measured (seed 0, docs/BENCHMARKS.md): CDC-Cal ACC 64.1 % vs 51.7 % for K-means on
-    the same backbone, ECE 3.3 % vs 19.9 % for the clustering head. The seed decides
-    the accuracy: of six runs (three seeds, with and without restarts of the init's
-    K-means), half stop at ACC 55-56 % (two look-alike clusters merged early do not
-    split again in 4 epochs), with ECE 2.8-5.8 % over all six.
+    Measured (seed 0, docs/BENCHMARKS.md): CDC-Cal ACC 64.3 % vs 51.7 % for K-means on
+    the same backbone, ECE 3.0 % vs 19.3 % for the clustering head. The seed decides
+    the accuracy: of nine runs (three seeds, with and without restarts of the init's
+    K-means, and before and after the channels-last step), five stop at ACC 55-56 % (two
+    look-alike clusters merged early do not split again in 4 epochs), with ECE 2.8-5.9 %
+    over all nine.
     """
     moco = dataclasses.replace(QUICK_MOCO)  # a copy: configs are mutable
     init = InitConfig(hidden=128, ortho_steps=0, ortho_lr=0.1, kmeans_iters=50, max_samples=20000)

@@ -14,7 +14,9 @@ done and continues an interrupted stage from its last epoch:
 6. evaluate     both heads over the data (``evaluation.py``), OOD thresholds
                 (``cdc_serve.ood.fit_ood``)
 7. save         ``model.pth`` (``checkpoint.save_model``), ``metrics.json`` and
-                ``train_log.json`` (timings, per-epoch history, metrics right after init)
+                ``train_log.json`` (timings, per-epoch history with each epoch's seconds,
+                metrics right after init, device name, peak RSS and, on CUDA, peak GPU
+                memory per stage)
 """
 
 from __future__ import annotations
@@ -189,12 +191,22 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     amp = config.amp and device.type == "cuda"
     seed_everything(config.seed)
     timings: dict[str, float] = {}
+    # on CUDA, per stage: peak memory of tensors (allocated) and held by torch's caching
+    # allocator (reserved; nvidia-smi adds the CUDA context to it)
+    peak_gpu_mib: dict[str, dict[str, int]] = {}
     clock = time.perf_counter()
 
     cpu_clock = time.process_time()
 
     def lap(stage: str) -> None:
         nonlocal clock
+        if device.type == "cuda":  # charge queued kernels to their stage, then its peak memory
+            torch.cuda.synchronize(device)
+            peak_gpu_mib[stage] = {
+                "allocated": round(torch.cuda.max_memory_allocated(device) / 2**20),
+                "reserved": round(torch.cuda.max_memory_reserved(device) / 2**20),
+            }
+            torch.cuda.reset_peak_memory_stats(device)
         now = time.perf_counter()
         timings[stage] = round(now - clock, 2)
         clock = now
@@ -219,7 +231,11 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     if kmeans_row:
         _log(f"K-means on the backbone features: acc {kmeans_row['acc']:.4f}", config.progress)
 
-    log: dict = {"config": config.to_dict(), "device": str(device)}
+    log: dict = {
+        "config": config.to_dict(),
+        "device": str(device),
+        "device_name": _device_name(device),
+    }
     if config.method == "cdc":
         from cdc_serve_training.cdc import train_cdc
 
@@ -281,13 +297,46 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     log["timings_s"] = timings
     log["total_s"] = round(sum(timings.values()), 2)
     log["cpu_s"] = round(time.process_time() - cpu_clock, 2)  # all threads: busy-machine check
+    log["peak_rss_mib"] = _peak_rss_mib()
+    if peak_gpu_mib:
+        log["peak_gpu_memory_mib"] = peak_gpu_mib
     (out / "train_log.json").write_text(json.dumps(log, indent=2, default=str) + "\n")
-    print_summary(metrics, timings)
+    print_summary(metrics, timings, peak_gpu_mib, log["device_name"])
     return model_path
 
 
-def print_summary(metrics: dict, timings: dict[str, float]) -> None:
-    """A short table of the heads' metrics (percent) and the time per stage."""
+def _device_name(device: torch.device) -> str:
+    """The GPU's name on CUDA, else the CPU's model name (Linux) or platform's processor."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def _peak_rss_mib() -> int | None:
+    """This process's peak resident memory so far (MiB), where the OS reports it."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return round(kib / 1024) if sys.platform != "darwin" else round(kib / 2**20)
+
+
+def print_summary(
+    metrics: dict,
+    timings: dict[str, float],
+    peak_gpu_mib: dict[str, dict[str, int]] | None = None,
+    device_name: str = "",
+) -> None:
+    """The heads' metrics (percent), the time per stage and, on a GPU, its peak memory."""
     from rich.console import Console
     from rich.table import Table
 
@@ -305,3 +354,11 @@ def print_summary(metrics: dict, timings: dict[str, float]) -> None:
         + ", ".join(f"{stage} {seconds:.0f}s" for stage, seconds in timings.items())
         + f" (total {sum(timings.values()):.0f}s)"
     )
+    if peak_gpu_mib:
+        console.print(
+            f"peak GPU memory, allocated/reserved ({device_name}): "
+            + ", ".join(
+                f"{stage} {mib['allocated']:,}/{mib['reserved']:,} MiB"
+                for stage, mib in peak_gpu_mib.items()
+            )
+        )
