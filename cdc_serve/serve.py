@@ -479,6 +479,9 @@ def _kill_group(process: subprocess.Popen) -> None:
         os.killpg(process.pid, signal.SIGKILL)
 
 
+_BACKEND_REGION_PREFIX = "/dev/shm/triton_python_backend_shm_region_"
+
+
 def _backend_regions(group: int) -> set[Path]:
     """The Python backend's shared-memory files mapped by processes of this process group.
 
@@ -499,9 +502,6 @@ def _backend_regions(group: int) -> set[Path]:
             if at >= 0:
                 found.add(Path(line[at:].removesuffix(" (deleted)")))
     return found
-
-
-_BACKEND_REGION_PREFIX = "/dev/shm/triton_python_backend_shm_region_"
 
 
 def _reap(process: subprocess.Popen, regions: Iterable[Path] = ()) -> None:

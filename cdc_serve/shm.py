@@ -5,7 +5,7 @@ binary body for HTTP): the client copies the batch into the message and the serv
 it out again. When client and server share a machine, Triton can instead read the tensor
 from a POSIX shared-memory region that the client registered once (Triton's *system
 shared memory* extension); the request then names the region, and carries no tensor.
-On the 2-core benchmark machine this lifts gRPC throughput by about 15 % on the small
+On the 2-core benchmark machine this lifts gRPC throughput by 8-13 % on the small
 model (docs/BENCHMARKS.md, section 1).
 
 :class:`SharedInput` is one such region, owned by one client thread (one request in
