@@ -49,6 +49,7 @@ from benchmarks.common import (
     repeat,
 )
 from benchmarks.model import CHANNELS, NUM_CLASSES, SIZE, build_model, count_flops, quick_preset
+from cdc_serve.contract import INPUT_NAME, ONNX_FILE, ORT_THREADS_PARAMETER, OUTPUT_NAMES, PROBS
 
 BATCHES = (1, 32, 256)
 CONCURRENCY = 4
@@ -98,8 +99,8 @@ def ort_session(path: Path, options: str):
 
 
 def ort_work(session, batch: np.ndarray) -> Work:
-    feed = {"input": batch}
-    return repeat(lambda: session.run(["probs", "embedding"], feed), batch.shape[0])
+    feed = {INPUT_NAME: batch}
+    return repeat(lambda: session.run(list(OUTPUT_NAMES), feed), batch.shape[0])
 
 
 class TritonLoad:
@@ -143,7 +144,7 @@ class TritonLoad:
     def _client(self):
         if not hasattr(self.local, "client"):
             tc, client = self._module(), self._new_client()
-            inp, region = tc.InferInput("input", list(self.batch.shape), "FP32"), None
+            inp, region = tc.InferInput(INPUT_NAME, list(self.batch.shape), "FP32"), None
             if self.shared_memory:
                 from cdc_serve.shm import SharedInput
 
@@ -154,7 +155,7 @@ class TritonLoad:
             else:
                 inp.set_data_from_numpy(self.batch, binary_data=True)
             binary = {} if self.protocol == "grpc" else {"binary_data": True}
-            outs = [tc.InferRequestedOutput(n, **binary) for n in ("probs", "embedding")]
+            outs = [tc.InferRequestedOutput(n, **binary) for n in OUTPUT_NAMES]
             self.local.client, self.local.inputs, self.local.outputs = client, [inp], outs
             self.local.region = region
         return self.local
@@ -210,7 +211,7 @@ def build_triton_repo(
         "std": [0.5] * CHANNELS,
         "embedding_dim": embedding_dim,
     }
-    params = {**meta_parameters(meta), "ort_intra_op_threads": str(cpu_cores())}
+    params = {**meta_parameters(meta), ORT_THREADS_PARAMETER: str(cpu_cores())}
     return add_model_version(
         repo,
         model_name,
@@ -267,14 +268,14 @@ def run(settings: BenchSettings, *, triton: bool = True) -> Section:
 
     tmp = tempfile.TemporaryDirectory(prefix="cdc-bench-inference-")
     try:
-        onnx_path = Path(tmp.name) / "model.onnx"
+        onnx_path = Path(tmp.name) / ONNX_FILE
         export_onnx(inference, batches[32], onnx_path)
         sessions = {k: ort_session(onnx_path, k) for k in ("default", "tuned", "nospin")}
         # the exported graph must agree with PyTorch before its speed means anything
         with torch.inference_mode():
             ref = inference(torch.from_numpy(batches[32]))[0].numpy()
         diff = float(
-            np.abs(sessions["tuned"].run(["probs"], {"input": batches[32]})[0] - ref).max()
+            np.abs(sessions["tuned"].run([PROBS], {INPUT_NAME: batches[32]})[0] - ref).max()
         )
         data["ort_max_abs_diff"] = diff
 
@@ -431,8 +432,8 @@ def _split(settings, grpc_url, session, batches, model_name=MODEL_NAME) -> dict:
 def _check_triton(load: TritonLoad, session, batch: np.ndarray) -> None:
     """Triton's answer must equal in-process onnxruntime's (same model file)."""
     result = load.pool.submit(load.infer_once).result()
-    probs = result.as_numpy("probs")
-    expected = session.run(["probs"], {"input": batch})[0]
+    probs = result.as_numpy(PROBS)
+    expected = session.run([PROBS], {INPUT_NAME: batch})[0]
     if (
         probs is None
         or probs.shape != expected.shape

@@ -29,21 +29,21 @@ def quick_preset() -> PresetSizes:
     """The ``quick`` preset of ``make_config`` (fallbacks if the config module is not there)."""
     sizes = PresetSizes()
     try:
-        from cdc_serve_training.config import make_config
+        from cdc_serve_training.presets import make_config
 
         with tempfile.TemporaryDirectory() as tmp:
             cfg = make_config(preset="quick", dataset="fashion-mnist", out=tmp)
     except Exception as exc:  # the config module may be missing or fail on this machine
         sizes.source += f" (quick preset unavailable: {type(exc).__name__}: {exc})"
         return sizes
-    cdc, init = cfg.cdc, cfg.init
-    sizes.backbone = str(_first(cfg, ("backbone",), sizes.backbone))
-    sizes.hidden_dim = int(_first(init, ("hidden", "hidden_dim"), sizes.hidden_dim))
+    cdc = cfg.cdc
+    sizes.backbone = str(cfg.model.backbone)
+    sizes.hidden_dim = int(cfg.model.hidden)
     sizes.batch_size = int(_first(cdc, ("batch_size",), sizes.batch_size))
     sizes.sub_batch_size = int(_first(cdc, ("sub_batch_size",), sizes.sub_batch_size))
     sizes.mini_clusters = int(_first(cdc, ("mini_clusters",), sizes.mini_clusters))
     sizes.kmeans_iters = int(_first(cdc, ("kmeans_iters",), sizes.kmeans_iters))
-    sizes.source = "cdc_serve_training.config.make_config(preset='quick')"
+    sizes.source = "cdc_serve_training.presets.make_config(preset='quick')"
     return sizes
 
 

@@ -9,7 +9,7 @@ source of the three views differs:
 - project: uint8 batches on the device and the batched tensor
   :class:`cdc_serve_training.augment.Augmenter` (per-sample random parameters; strong
   views only for the selected samples, as ``_train_batch`` asks for them);
-- reference-like: :class:`cdc_serve_training.augment.PILReferencePipeline`, a
+- reference-like: :class:`benchmarks.pil_pipeline.PILReferencePipeline`, a
   ``DataLoader`` whose workers build the val, weak and strong views of every image one
   at a time with PIL and ``torchvision.transforms`` (as the authors' code does, with the
   same crop scales, RandAugment op count and Cutout size as the Augmenter), handed to
@@ -85,7 +85,8 @@ class PrecomputedViews:
 
 def cdc_config(sizes, quick: bool):
     """The quick preset's CDCConfig (smaller batches with --quick)."""
-    from cdc_serve_training.config import CDCConfig, make_config
+    from cdc_serve_training.config import CDCConfig
+    from cdc_serve_training.presets import make_config
 
     try:
         import tempfile
@@ -158,7 +159,7 @@ def project_work(trainer: Trainer, images: torch.Tensor, augmenter):
 
 def pil_work(trainer: Trainer, data, augmenter, workers: int):
     """Steps fed by a fresh reference-like DataLoader (PIL, one image at a time) per round."""
-    from cdc_serve_training.augment import PILReferencePipeline
+    from benchmarks.pil_pipeline import PILReferencePipeline
 
     B = trainer.cfg.batch_size
     gen = torch.Generator().manual_seed(2)

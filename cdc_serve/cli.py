@@ -2,7 +2,10 @@
 
 Every command turns a :class:`cdc_serve.CDCError` into one line on stderr and exit
 status 2, so bad input never shows a traceback. Commands that need torch
-(``train``, ``export``, ``evaluate`` of a ``.pth``) import it only when they run.
+(``train``, ``ablations``, ``export``, ``evaluate`` of a ``.pth``) import it only when
+they run, ``train`` and ``ablations`` through :func:`_training`. Choices are the Enums
+of ``cdc_serve.choices``: ``--help`` lists them and a wrong value is refused before any
+work starts.
 """
 
 from __future__ import annotations
@@ -14,6 +17,20 @@ from pathlib import Path
 import typer
 
 from cdc_serve import CDCError, __version__
+from cdc_serve.choices import (
+    Ablation,
+    Backbone,
+    Device,
+    ExportFormat,
+    Method,
+    OodScore,
+    Preset,
+    SharedMemory,
+    Split,
+    Study,
+    TritonBackend,
+    TritonProtocol,
+)
 
 app = typer.Typer(
     help="Train calibrated deep clustering models, export them to ONNX/Triton, serve and score.",
@@ -65,64 +82,117 @@ def main(
     """cdc-serve: cluster IDs with a confidence you can trust."""
 
 
+def _training(module: str):
+    """A module of the training package: the CLI's one way into it (and so into torch),
+    taken only by the commands that train."""
+    import importlib
+
+    return importlib.import_module(f"cdc_serve_training.{module}")
+
+
+def _value(choice):
+    return None if choice is None else choice.value
+
+
 @app.command()
 @_user_errors
 def train(
     dataset: str = typer.Option(
         "fashion-mnist", help="fashion-mnist, digits, cifar10, cifar20, stl10 or imagefolder:PATH."
     ),
-    preset: str = typer.Option(
-        "quick", help="quick (small CNN, 2-core CPU) or paper (ResNet, GPU)."
+    preset: Preset = typer.Option(
+        Preset.quick, help="quick (small CNN, 2-core CPU) or paper (ResNet, GPU)."
     ),
     out: Path = typer.Option(
         Path("runs/fmnist"), help="Output folder for model.pth, metrics.json and checkpoints."
     ),
-    method: str = typer.Option("cdc", help="cdc or ruc."),
-    init_from: str | None = typer.Option(
-        None, help="RUC only: kmeans, a CDC model.pth, or a labels .npy/.csv."
+    method: Method = typer.Option(Method.cdc, help="CDC, or RUC on existing pseudo-labels."),
+    labels_from: str | None = typer.Option(
+        None,
+        "--labels-from",
+        "--init-from",
+        help="RUC only: where its pseudo-labels come from: kmeans (default), a CDC "
+        "model.pth, or a labels .npy/.csv.",
     ),
     data_root: Path | None = typer.Option(
         None, help="Folder holding the dataset files (default: the usual place per dataset)."
     ),
-    split: str = typer.Option("all", help="train, test or all (the paper merges train and test)."),
-    backbone: str | None = typer.Option(
-        None, help="Override the preset's backbone: smallcnn, resnet18, resnet34."
+    split: Split = typer.Option(
+        Split.all, help="Which part of the dataset (the paper merges train and test)."
     ),
-    epochs: int | None = typer.Option(None, help="Override the number of CDC (or RUC) epochs."),
+    backbone: Backbone | None = typer.Option(None, help="Override the preset's backbone."),
+    epochs: int | None = typer.Option(
+        None, help="Epochs of the method's own stage: CDC epochs, or RUC epochs with --method ruc."
+    ),
     pretrain_epochs: int | None = typer.Option(None, help="Override the number of MoCo-v2 epochs."),
-    ablation: str | None = typer.Option(
+    ablation: Ablation | None = typer.Option(
         None, help="One of the paper's Table 2 variants (see docs/ABLATIONS.md)."
     ),
-    device: str = typer.Option("auto", help="auto (CUDA if present), cpu or cuda."),
+    device: Device = typer.Option(Device.auto, help="auto: CUDA if present, else CPU."),
     seed: int = typer.Option(0, help="Random seed."),
-    limit: int | None = typer.Option(None, help="Use only the first N images (quick experiments)."),
+    limit: int | None = typer.Option(None, help="Use a seeded subset of N images."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoints in --out."),
     download: bool = typer.Option(False, "--download", help="Allow downloading a missing dataset."),
 ) -> None:
     """Pretrain (MoCo-v2), initialise the heads from prototypes and train CDC or RUC."""
-    from cdc_serve_training.config import make_config
-    from cdc_serve_training.pipeline import train as run_training
-
-    config = make_config(
-        preset=preset,
+    config = _training("presets").make_config(
+        preset=preset.value,
         dataset=dataset,
         out=str(out),
-        method=method,
-        init_from=init_from,
+        method=method.value,
+        labels_from=labels_from,
         data_root=str(data_root) if data_root else None,
-        split=split,
-        backbone=backbone,
+        split=split.value,
+        backbone=_value(backbone),
         epochs=epochs,
         pretrain_epochs=pretrain_epochs,
-        ablation=ablation,
-        device=device,
+        ablation=_value(ablation),
+        device=device.value,
         seed=seed,
         limit=limit,
         download=download,
     )
-    model_path = run_training(config, resume=resume)
+    model_path = _training("pipeline").train(config, resume=resume)
     typer.echo(f"model: {model_path}")
     typer.echo(f"metrics: {model_path.parent / 'metrics.json'}")
+
+
+@app.command()
+@_user_errors
+def ablations(
+    study: Study = typer.Option(
+        Study.table2,
+        help="table2: the CDC paper's Table 2 (-> --out); ruc-strategies: RUC's clean-set "
+        "strategies on K-means pseudo-labels (-> --runs/strategies.md).",
+    ),
+    dataset: str = typer.Option("fashion-mnist", help="Dataset to run the study on."),
+    preset: Preset = typer.Option(Preset.quick, help="Preset for every row."),
+    out: Path = typer.Option(Path("docs/ABLATIONS.md"), help="table2: Markdown report to write."),
+    runs: Path = typer.Option(Path("runs/ablations"), help="Folder for the runs."),
+    data_root: Path | None = typer.Option(None, help="Folder holding the dataset files."),
+    device: Device = typer.Option(Device.auto, help="auto: CUDA if present, else CPU."),
+    limit: int | None = typer.Option(None, help="Use a seeded subset of N images for every row."),
+    backbone: Path | None = typer.Option(
+        None,
+        help="ruc-strategies: the backbone.pt of a `cdc-serve train` run (default: pretrain "
+        "one into --runs).",
+    ),
+    epochs: int | None = typer.Option(None, help="ruc-strategies: RUC epochs."),
+    seed: int = typer.Option(0, help="ruc-strategies: random seed."),
+) -> None:
+    """Reproduce the paper's ablations (Table 2) or RUC's strategy comparison, as Markdown."""
+    if study is Study.ruc_strategies:
+        path = _training("ruc").run_strategy_comparison(
+            dataset, data_root, backbone, runs, limit=limit, seed=seed, device=device.value,
+            preset=preset.value, epochs=epochs,
+        )  # fmt: skip
+        typer.echo(path.read_text())
+    else:
+        path = _training("ablations").run_ablations(
+            dataset=dataset, preset=preset.value, out=out, runs=runs, data_root=data_root,
+            device=device.value, limit=limit,
+        )  # fmt: skip
+    typer.echo(f"wrote {path}")
 
 
 @app.command()
@@ -133,9 +203,9 @@ def export(
         Path("model_repository"), help="Triton model repository to write into."
     ),
     name: str = typer.Option("cdc", help="Model name inside the repository."),
-    format: str = typer.Option("onnx", "--format", help="onnx or tensorrt."),
-    backend: str = typer.Option(
-        "onnxruntime",
+    format: ExportFormat = typer.Option(ExportFormat.onnx, "--format", help="The model file."),
+    backend: TritonBackend = typer.Option(
+        TritonBackend.onnxruntime,
         help="onnxruntime (NVIDIA's containers) or python (the pip-installed tritonserver).",
     ),
     max_batch: int = typer.Option(256, help="Largest batch Triton may form."),
@@ -156,8 +226,8 @@ def export(
         model,
         out=out,
         name=name,
-        fmt=format,
-        backend=backend,
+        fmt=format.value,
+        backend=backend.value,
         max_batch=max_batch,
         fp16=fp16,
         trt_accelerator=trt_accelerator,
@@ -195,21 +265,21 @@ def predict(
         None, help="Exported model (repository/<name>, a version folder or model.onnx)."
     ),
     url: str | None = typer.Option(None, help="Triton server HOST:PORT (instead of --model)."),
-    protocol: str = typer.Option("http", help="http or grpc, with --url."),
+    protocol: TritonProtocol = typer.Option(TritonProtocol.http, help="With --url."),
     model_name: str = typer.Option("cdc", help="Model name on the Triton server."),
     reject_below: float = typer.Option(
         0.8, help="Reject predictions whose calibrated confidence is below this."
     ),
     batch_size: int = typer.Option(256, help="Images per request."),
-    shared_memory: str = typer.Option(
-        "auto",
+    shared_memory: SharedMemory = typer.Option(
+        SharedMemory.auto,
         help="With --url: send images through system shared memory (auto: when the server "
         "is on loopback; system: always; none: inside the requests).",
     ),
     output: Path | None = typer.Option(
         None, help="preds.csv or preds.jsonl (default: print the summary only)."
     ),
-    ood_score: str | None = typer.Option(
+    ood_score: OodScore | None = typer.Option(
         None, help="OOD score to use (default: the model's best)."
     ),
     resume: bool = typer.Option(
@@ -229,16 +299,16 @@ def predict(
         inputs,
         model=model,
         url=url,
-        protocol=protocol,
+        protocol=protocol.value,
         model_name=model_name,
         reject_below=reject_below,
         batch_size=batch_size,
         output=output,
-        ood_score=ood_score,
+        ood_score=_value(ood_score),
         resume=resume,
         labels=labels,
         progress=sys.stderr.isatty() if progress is None else progress,
-        shared_memory=shared_memory,
+        shared_memory=shared_memory.value,
     )
     typer.echo(summary.format())
 
@@ -248,7 +318,7 @@ def predict(
 def evaluate(
     model: Path = typer.Argument(..., help="A model.pth or an exported model."),
     dataset: str = typer.Option("fashion-mnist", help="Labelled dataset to evaluate on."),
-    split: str = typer.Option("test", help="train, test or all."),
+    split: Split = typer.Option(Split.test, help="Which part of the dataset."),
     ood_dataset: str | None = typer.Option(
         None, help="A dataset to use as out-of-distribution data."
     ),
@@ -259,30 +329,14 @@ def evaluate(
     from cdc_serve.evaluate import evaluate as run_evaluate
 
     report = run_evaluate(
-        model, dataset=dataset, split=split, ood_dataset=ood_dataset, out=out, data_root=data_root
+        model,
+        dataset=dataset,
+        split=split.value,
+        ood_dataset=ood_dataset,
+        out=out,
+        data_root=data_root,
     )
     typer.echo(report.format())
-
-
-@app.command()
-@_user_errors
-def ablations(
-    dataset: str = typer.Option("fashion-mnist", help="Dataset to run the paper's Table 2 on."),
-    preset: str = typer.Option("quick", help="Preset for every row."),
-    out: Path = typer.Option(Path("docs/ABLATIONS.md"), help="Markdown report to write."),
-    runs: Path = typer.Option(Path("runs/ablations"), help="Folder for the runs."),
-    data_root: Path | None = typer.Option(None, help="Folder holding the dataset files."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    limit: int | None = typer.Option(None, help="Use a seeded subset of N images for every row."),
-) -> None:
-    """Reproduce the paper's Table 2 (ablations) and write it as Markdown."""
-    from cdc_serve_training.ablations import run_ablations
-
-    path = run_ablations(
-        dataset=dataset, preset=preset, out=out, runs=runs, data_root=data_root, device=device,
-        limit=limit,
-    )  # fmt: skip
-    typer.echo(f"wrote {path}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,12 +1,15 @@
 """The client library: cluster IDs with calibrated confidence, rejection and OOD flags.
 
-One :class:`Client`, three backends that give the same answers:
+One :class:`Client`, three protocols (``Client(protocol=...)``) that give the same answers:
 
 - ``local`` (the default): onnxruntime in this process, on an exported model
   (``repo/<name>``, a version folder or a ``model.onnx`` with ``cdc_meta.json`` beside it);
 - ``http`` / ``grpc``: a Triton Inference Server (``tritonclient``); requests are cut
   to the server's max batch, sent concurrently from a small thread pool and retried
   with exponential backoff when the connection fails.
+
+How each protocol runs a batch is :mod:`cdc_serve.transport`; the tensor names are the
+model metadata's (``input_name``, ``outputs``), by default :mod:`cdc_serve.contract`'s.
 
 Input conventions:
 
@@ -29,21 +32,17 @@ This module never imports torch.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import threading
-import time
-import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from cdc_serve import CDCError
+from cdc_serve.choices import Protocol, values
+from cdc_serve.contract import EMBEDDING, META_PARAMETER, PROBS
 from cdc_serve.modelmeta import ModelMeta, find_model
 from cdc_serve.ood import OODScorer
 from cdc_serve.preprocess import (
@@ -55,11 +54,11 @@ from cdc_serve.preprocess import (
     prepare,
 )
 from cdc_serve.shm import MODES as SHM_MODES
-from cdc_serve.shm import SharedInput, SharedMemoryUnavailable, is_loopback
+from cdc_serve.transport import LocalRunner, TritonRunner
 
-BACKENDS = ("local", "http", "grpc")
-META_PARAMETER = "cdc_meta"
-LOCAL_CHUNK = 1024  # images per onnxruntime call (bounds the memory of one call)
+__all__ = ["META_PARAMETER", "PROTOCOLS", "Client", "Prediction", "Scores"]
+
+PROTOCOLS = values(Protocol)
 
 
 @dataclass
@@ -102,298 +101,18 @@ class Scores:
         return p
 
 
-# -- backends --------------------------------------------------------------------------
-
-
-def _usable_cores() -> int:
-    """Cores this process may run on (the affinity mask where the OS has one)."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return os.cpu_count() or 1
-
-
-class _LocalRunner:
-    """onnxruntime in-process."""
-
-    def __init__(self, onnx_path: Path, meta: ModelMeta, threads: int | None) -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = threads or _usable_cores()
-        options.log_severity_level = 3
-        providers = ["CPUExecutionProvider"]
-        if "CUDAExecutionProvider" in ort.get_available_providers() and _gpu_present():
-            providers.insert(0, "CUDAExecutionProvider")
-        try:
-            self.session = ort.InferenceSession(str(onnx_path), options, providers=providers)
-        except Exception as exc:  # noqa: BLE001  onnxruntime raises its own exception types
-            raise CDCError(f"{onnx_path}: onnxruntime cannot load the model ({exc})") from None
-        inputs = [i.name for i in self.session.get_inputs()]
-        outputs = [o.name for o in self.session.get_outputs()]
-        missing = [n for n in meta.outputs if n not in outputs]
-        if meta.input_name not in inputs or missing:
-            raise CDCError(
-                f"{onnx_path}: graph does not match its metadata (inputs {inputs}, outputs {outputs}; "
-                f"expected input {meta.input_name!r} and outputs {list(meta.outputs)})"
-            )
-        self.input_name = meta.input_name
-        self.outputs = list(meta.outputs)
-        self.max_batch = LOCAL_CHUNK
-        self.where = str(onnx_path)
-
-    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        try:
-            probs, embedding = self.session.run(self.outputs, {self.input_name: x})
-        except Exception as exc:  # noqa: BLE001
-            raise CDCError(f"{self.where}: inference failed ({exc})") from None
-        return probs, embedding
-
-    def close(self) -> None:
-        pass
-
-
-def _gpu_present() -> bool:
-    """A CUDA GPU is visible (checked without torch)."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None and visible.strip() in ("", "-1"):
-        return False
-    return Path("/dev/nvidia0").exists() or Path("/proc/driver/nvidia/gpus").exists()
-
-
-class _TritonRunner:
-    """A Triton server over HTTP or gRPC, one tritonclient per worker thread."""
-
-    def __init__(
-        self,
-        url: str,
-        protocol: str,
-        model_name: str,
-        model_version: str,
-        timeout: float,
-        retries: int,
-        backoff: float,
-        shared_memory: str = "auto",
-    ) -> None:
-        if protocol == "http":
-            import tritonclient.http as module
-        else:
-            import tritonclient.grpc as module
-        self.module = module
-        self.protocol = protocol
-        self.url = url.split("://", 1)[-1].rstrip("/")
-        self.model_name = model_name
-        self.model_version = str(model_version or "")
-        self.timeout = timeout
-        self.retries = retries
-        self.backoff = backoff
-        self._local = threading.local()
-        self.where = f"Triton server at {self.url} ({protocol})"
-        # input tensors through system shared memory: asked for, or the server is local
-        self.shared_memory = shared_memory == "system" or (
-            shared_memory == "auto" and is_loopback(self.url)
-        )
-        self._shm_required = shared_memory == "system"
-        self._regions: list[SharedInput] = []
-        self._regions_lock = threading.Lock()
-
-        client = self._client()
-        try:
-            live = client.is_server_live()
-        except Exception as exc:  # noqa: BLE001  connection refused, DNS, timeouts, ...
-            raise CDCError(f"{self.where} is unreachable: {_short(exc)}") from None
-        if not live:
-            raise CDCError(f"{self.where} is not live")
-        try:
-            ready = client.is_model_ready(model_name, self.model_version)
-        except Exception as exc:  # noqa: BLE001
-            raise CDCError(
-                f"{self.where}: cannot query model {model_name!r}: {_short(exc)}"
-            ) from None
-        if not ready:
-            raise CDCError(
-                f"{self.where}: model {model_name!r} (version {self.model_version or 'latest'}) "
-                f"is not ready; models there: {self._model_names(client)}"
-            )
-        self.config = self._model_config(client)
-        self.max_batch = int(self.config.get("max_batch_size", 0) or 0) or LOCAL_CHUNK
-
-    def _client(self):
-        client = getattr(self._local, "client", None)
-        if client is None:
-            if self.protocol == "http":
-                client = self.module.InferenceServerClient(
-                    self.url, connection_timeout=self.timeout, network_timeout=self.timeout
-                )
-            else:
-                client = self.module.InferenceServerClient(self.url)
-            self._local.client = client
-        return client
-
-    def _drop_client(self) -> None:
-        client = getattr(self._local, "client", None)
-        self._local.client = None
-        self._drop_region(client)
-        if client is not None:
-            with contextlib.suppress(Exception):  # a broken connection may fail to close
-                client.close()
-
-    def _model_names(self, client) -> list[str]:
-        try:
-            index = client.get_model_repository_index()
-        except Exception:  # noqa: BLE001
-            return []
-        if self.protocol == "grpc":
-            return sorted(m.name for m in index.models)
-        return sorted(m.get("name", "") for m in index)
-
-    def _model_config(self, client) -> dict[str, Any]:
-        try:
-            if self.protocol == "grpc":
-                config = client.get_model_config(
-                    self.model_name, self.model_version, as_json=True, client_timeout=self.timeout
-                )
-                return config.get("config", config)
-            return client.get_model_config(self.model_name, self.model_version)
-        except Exception as exc:  # noqa: BLE001
-            raise CDCError(
-                f"{self.where}: cannot read the model configuration: {_short(exc)}"
-            ) from None
-
-    def meta(self) -> ModelMeta:
-        """The model metadata from the configuration's string parameters."""
-        params = {
-            key: value.get("string_value", "")
-            for key, value in (self.config.get("parameters") or {}).items()
-        }
-        source = f"{self.where} model {self.model_name!r} metadata"
-        if META_PARAMETER in params:
-            return ModelMeta.from_json(params[META_PARAMETER], source=source)
-        data: dict[str, Any] = {}
-        for key, text in params.items():
-            try:
-                data[key] = json.loads(text)
-            except json.JSONDecodeError:
-                data[key] = text
-        for key in ("name", "dataset", "created", "project_version", "format", "method"):
-            if key in data:
-                data[key] = params[key]  # keep strings as strings ("1" stays "1")
-        if not data.get("ood"):
-            warnings.warn(
-                f"{source}: no OOD parameters in the model configuration (no '{META_PARAMETER}' "
-                "parameter); only the msp score is available and no image is flagged OOD. "
-                "Pass meta= (a local cdc_meta.json) to use the fitted OOD scores.",
-                stacklevel=3,
-            )
-        return ModelMeta.from_dict(data, source=source)
-
-    # -- shared memory: one region per worker thread, registered on first use
-
-    def _region(self, client, nbytes: int) -> SharedInput | None:
-        """This thread's shared-memory region (at least ``nbytes``), or None to send in-message."""
-        region = getattr(self._local, "region", None)
-        if region is not None and region.nbytes >= nbytes:
-            return region
-        self._drop_region(client)
-        try:
-            region = SharedInput(client, self.module, nbytes)
-        except SharedMemoryUnavailable as exc:  # connection errors propagate: run() retries
-            if self._shm_required:
-                raise CDCError(
-                    f"{self.where}: cannot use system shared memory: {_short(exc)}"
-                ) from None
-            if self.shared_memory:
-                self.shared_memory = False
-                warnings.warn(
-                    f"{self.where}: system shared memory unavailable ({_short(exc)}); "
-                    "sending tensors inside the requests instead",
-                    stacklevel=2,
-                )
-            return None
-        self._local.region = region
-        with self._regions_lock:
-            self._regions.append(region)
-        return region
-
-    def _drop_region(self, client) -> None:
-        region = getattr(self._local, "region", None)
-        self._local.region = None
-        if region is not None:
-            with self._regions_lock:
-                if region in self._regions:
-                    self._regions.remove(region)
-            region.close(client)
-
-    def _infer_once(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        module, client = self.module, self._client()
-        region = self._region(client, x.nbytes) if self.shared_memory else None
-        if region is not None:
-            inp = region.input(x)
-        else:
-            inp = module.InferInput("input", list(x.shape), "FP32")
-        if self.protocol == "http":
-            if region is None:
-                inp.set_data_from_numpy(x, binary_data=True)
-            outputs = [
-                module.InferRequestedOutput(n, binary_data=True) for n in ("probs", "embedding")
-            ]
-            result = client.infer(self.model_name, [inp], self.model_version, outputs=outputs)
-        else:
-            if region is None:
-                inp.set_data_from_numpy(x)
-            outputs = [module.InferRequestedOutput(n) for n in ("probs", "embedding")]
-            result = client.infer(
-                self.model_name,
-                [inp],
-                self.model_version,
-                outputs=outputs,
-                client_timeout=self.timeout,
-            )
-        return result.as_numpy("probs"), result.as_numpy("embedding")
-
-    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """One request, retried with exponential backoff on connection or server errors."""
-        last: Exception | None = None
-        for attempt in range(self.retries + 1):
-            try:
-                return self._infer_once(x)
-            except Exception as exc:  # noqa: BLE001  connection errors have many types
-                if _is_client_error(exc):
-                    raise CDCError(f"{self.where}: request rejected: {_short(exc)}") from None
-                last = exc
-                self._drop_client()  # a fresh connection after a server restart
-                if attempt < self.retries:
-                    time.sleep(min(self.backoff * 2**attempt, 10.0))
-        raise CDCError(
-            f"{self.where} failed {self.retries + 1} times in a row (last error: {_short(last)})"
-        )
-
-    def close(self) -> None:
-        """Unregister and free every thread's shared-memory region, then drop the client."""
-        with self._regions_lock:
-            regions, self._regions = self._regions, []
-        if regions:
-            client = self._client()  # tritonclient objects stay in the thread that made them
-            for region in regions:
-                region.close(client)
-        self._local.region = None
-        self._drop_client()
-
-
-def _short(exc: BaseException | None) -> str:
-    text = str(exc) if exc is not None else "unknown error"
-    text = " ".join(text.split())
-    return (text[:300] + "...") if len(text) > 300 else (text or type(exc).__name__)
-
-
-def _is_client_error(exc: BaseException) -> bool:
-    """A request the server understood and refused (retrying will not help)."""
-    status = getattr(exc, "status", None)
-    status = status() if callable(status) else status
-    return str(status) in ("400", "StatusCode.INVALID_ARGUMENT")
-
-
 # -- the client ------------------------------------------------------------------------
+
+
+def _bind(runner: TritonRunner, meta: ModelMeta | None) -> ModelMeta:
+    """The metadata to use with a Triton runner (``meta``, else the server's), bound to it."""
+    try:
+        meta = meta or runner.meta()
+        runner.bind(meta)
+    except BaseException:
+        runner.close()
+        raise
+    return meta
 
 
 class Client:
@@ -402,8 +121,8 @@ class Client:
     Args:
         model: exported model path (``local``; with ``http``/``grpc`` it only supplies a
             local copy of the metadata).
-        url: Triton ``HOST:PORT`` (implies ``backend="http"`` unless given).
-        backend: ``local``, ``http`` or ``grpc``.
+        url: Triton ``HOST:PORT`` (implies ``protocol="http"`` unless given).
+        protocol: ``local`` (onnxruntime in process), ``http`` or ``grpc`` (Triton).
         model_name, model_version: the model on the Triton server ('' = latest).
         reject_below: a prediction is ``rejected`` when its confidence is below this.
         ood_score: OOD score name (default: the one the model's metadata names).
@@ -425,7 +144,7 @@ class Client:
         self,
         model: str | os.PathLike | None = None,
         url: str | None = None,
-        backend: str | None = None,
+        protocol: str | None = None,
         model_name: str = "cdc",
         model_version: str | int = "",
         reject_below: float = 0.8,
@@ -440,9 +159,9 @@ class Client:
         max_pixels: int = MAX_PIXELS,
         shared_memory: str = "auto",
     ) -> None:
-        backend = backend or ("local" if url is None else "http")
-        if backend not in BACKENDS:
-            raise CDCError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+        protocol = protocol or ("local" if url is None else "http")
+        if protocol not in PROTOCOLS:
+            raise CDCError(f"protocol must be one of {', '.join(PROTOCOLS)}, not {protocol!r}")
         if not 0.0 <= reject_below <= 1.0:
             raise CDCError(f"reject_below must lie in [0, 1], got {reject_below}")
         if concurrency < 1 or retries < 0:
@@ -451,37 +170,31 @@ class Client:
             raise CDCError(
                 f"shared_memory must be one of {', '.join(SHM_MODES)}, not {shared_memory!r}"
             )
-        self.backend = backend
+        self.protocol = protocol
         self.reject_below = float(reject_below)
         self.max_pixels = max_pixels
-        self.concurrency = concurrency if backend != "local" else 1
+        self.concurrency = concurrency if protocol != "local" else 1
 
         if isinstance(meta, (str, os.PathLike)):
             meta = ModelMeta.read(meta)
-        if backend == "local":
+        if protocol == "local":
             if model is None:
                 raise CDCError(
-                    "the local backend needs a model (repo/<name>, a version folder or .onnx)"
+                    "the local protocol needs a model (repo/<name>, a version folder or .onnx)"
                 )
             onnx_path, found = find_model(model)
             self.meta = meta or found
-            self._runner: _LocalRunner | _TritonRunner = _LocalRunner(onnx_path, self.meta, threads)
+            self._runner: LocalRunner | TritonRunner = LocalRunner(onnx_path, self.meta, threads)
         else:
             if not url:
-                raise CDCError(f"the {backend} backend needs url=HOST:PORT of a Triton server")
+                raise CDCError(f"the {protocol} protocol needs url=HOST:PORT of a Triton server")
             local_meta = meta or (find_model(model)[1] if model is not None else None)
-            runner = _TritonRunner(
-                url,
-                backend,
-                model_name,
-                str(model_version),
-                timeout,
-                retries,
-                backoff,
+            runner = TritonRunner(
+                url, protocol, model_name, str(model_version), timeout, retries, backoff,
                 shared_memory,
-            )
+            )  # fmt: skip
             self._runner = runner
-            self.meta = local_meta or runner.meta()
+            self.meta = _bind(runner, local_meta)
         self.batch_size = min(batch_size or self._runner.max_batch, self._runner.max_batch)
         self.ood = OODScorer(self.meta.ood, ood_score)
         self._pool = ThreadPoolExecutor(self.concurrency) if self.concurrency > 1 else None
@@ -517,8 +230,8 @@ class Client:
         x = np.ascontiguousarray(x, dtype=np.float32)
         if len(x) == 0:
             return {
-                "probs": np.zeros((0, self.meta.num_classes), np.float32),
-                "embedding": np.zeros((0, self.meta.embedding_dim), np.float32),
+                PROBS: np.zeros((0, self.meta.num_classes), np.float32),
+                EMBEDDING: np.zeros((0, self.meta.embedding_dim), np.float32),
             }
         chunks = [x[i : i + self.batch_size] for i in range(0, len(x), self.batch_size)]
         if self._pool is not None and len(chunks) > 1:
@@ -527,16 +240,16 @@ class Client:
             results = [self._runner.run(c) for c in chunks]
         probs = np.concatenate([r[0] for r in results]).astype(np.float32, copy=False)
         embedding = np.concatenate([r[1] for r in results]).astype(np.float32, copy=False)
-        return {"probs": probs, "embedding": embedding}
+        return {PROBS: probs, EMBEDDING: embedding}
 
     # -- images ---------------------------------------------------------------------
 
     def score_images(self, images: np.ndarray) -> Scores:
         """Score preprocessed uint8 ``N x C x H x W`` images (see :mod:`cdc_serve.preprocess`)."""
         out = self.predict_arrays(normalise(images, self.meta))
-        probs = out["probs"]
+        probs = out[PROBS]
         confidence = probs.max(axis=1) if len(probs) else np.zeros(0, np.float32)
-        ood, ood_score = self.ood.flags(out["embedding"], probs)
+        ood, ood_score = self.ood.flags(out[EMBEDDING], probs)
         return Scores(
             cluster_id=probs.argmax(axis=1).astype(np.int64),
             confidence=confidence.astype(np.float32),

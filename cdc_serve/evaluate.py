@@ -2,25 +2,28 @@
 
 Works on a trained ``model.pth`` (both heads are evaluated) or on an exported model
 (the calibration head, through onnxruntime). Writes ``metrics.json`` (the schema of
-training's metrics.json, plus an ``ood`` section), a reliability diagram and a
-confidence histogram per head, and returns a :class:`Report` whose ``format()`` is the
-printed table.
+training's metrics.json, plus an ``ood`` section; :func:`cdc_serve.metrics.write_metrics`),
+a reliability diagram and a confidence histogram per head, and returns a :class:`Report`
+whose ``format()`` is the printed table.
 
-Data sets are read with the training package's loaders (``cdc_serve_training.data``),
-so this command needs the ``train`` extra; scoring an exported model itself does not.
+An exported model needs no torch: its data sets are read with :mod:`cdc_serve.datasets`
+and brought to the model's channels and size as the client does it
+(:func:`cdc_serve.preprocess.to_model_images`). A ``model.pth`` is run in PyTorch, so it
+needs the ``train`` extra; its data sets are read and resized by the training package
+(``cdc_serve_training.data``), as in training.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from cdc_serve import CDCError, metrics, ood, plots
+from cdc_serve.contract import EMBEDDING, PROBS
 
-METRIC_KEYS = ("acc", "nmi", "ari", "ece", "auroc", "aurc", "fpr95")
+METRIC_KEYS = metrics.HEAD_KEYS
 
 
 @dataclass
@@ -36,10 +39,9 @@ class Report:
     files: list[Path] = field(default_factory=list)
 
     def to_json(self) -> dict:
-        out = {"dataset": self.dataset, "split": self.split, "n": self.n, "heads": self.heads}
-        if self.ood:
-            out["ood"] = {"dataset": self.ood_dataset, "scores": self.ood}
-        return out
+        return metrics.metrics_document(
+            self.dataset, self.split, self.n, self.heads, self.ood, self.ood_dataset
+        )
 
     def format(self) -> str:
         keys = [k for k in METRIC_KEYS if any(k in h for h in self.heads.values())]
@@ -78,7 +80,7 @@ def evaluate(
     if not model.exists():
         raise CDCError(f"no model at {model}")
     runner = _TorchRunner(model) if model.suffix == ".pth" else _OnnxRunner(model)
-    images, labels = _load(dataset, split, data_root, runner.channels, runner.input_size)
+    images, labels = runner.load(dataset, split, data_root)
     if labels is None:
         raise CDCError(f"data set {dataset!r} has no labels: evaluation needs them")
     outputs = runner.run(images, batch_size)
@@ -103,12 +105,8 @@ def evaluate(
 
     report = Report(dataset=dataset, split=split, n=len(labels), heads=heads, files=files)
     if ood_dataset:
-        ood_images, _ = _load(
-            ood_dataset,
-            "all",
-            None if ood_dataset != dataset else data_root,
-            runner.channels,
-            runner.input_size,
+        ood_images, _ = runner.load(
+            ood_dataset, "all", None if ood_dataset != dataset else data_root
         )
         ood_outputs = runner.run(ood_images, batch_size)
         params = runner.ood_params
@@ -125,19 +123,31 @@ def evaluate(
             }
             for name in s_in
         }
-    path = out / "metrics.json"
-    path.write_text(json.dumps(metrics.json_ready(report.to_json()), indent=2))
+    path = metrics.write_metrics(out / metrics.METRICS_FILE, report.to_json())
     report.files.insert(0, path)
     return report
 
 
-def _load(name: str, split: str, data_root, channels: int, size: tuple[int, int]):
-    """uint8 N x C x H x W images (at the model's size and channels) and labels."""
+def _data_root(data_root) -> str | None:
+    return str(data_root) if data_root else None
+
+
+def _load_numpy(name: str, split: str, data_root, channels: int, size: tuple[int, int]):
+    """uint8 N x C x H x W images (at the model's size and channels) and labels, no torch."""
+    from cdc_serve.datasets import read_dataset
+    from cdc_serve.preprocess import to_model_images
+
+    data = read_dataset(name, _data_root(data_root), split)
+    return to_model_images(data.images, channels, size), data.labels
+
+
+def _load_torch(name: str, split: str, data_root, channels: int, size: tuple[int, int]):
+    """The same through the training package's loader and resize (what training sees)."""
     from cdc_serve_training.data import load_dataset, resize_images
 
-    data = load_dataset(name, root=str(data_root) if data_root else None, split=split)
+    data = load_dataset(name, root=_data_root(data_root), split=split)
     images = data.images
-    if images.shape[1] != channels:  # grayscale <-> RGB, as the client's preprocessing does
+    if images.shape[1] != channels:  # grayscale <-> RGB
         if channels == 1:
             images = images.float().mean(1, keepdim=True).round().to(images.dtype)
         else:
@@ -159,6 +169,9 @@ class _TorchRunner:
         self.channels, self.input_size = int(pre["channels"]), tuple(pre["input_size"])
         self.ood_params = self.info.get("ood") or {}
 
+    def load(self, name: str, split: str, data_root) -> tuple[np.ndarray, np.ndarray | None]:
+        return _load_torch(name, split, data_root, self.channels, self.input_size)
+
     def run(self, images: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
         from cdc_serve_training.evaluation import infer_images
 
@@ -177,6 +190,9 @@ class _OnnxRunner:
         self.channels, self.input_size = meta.channels, tuple(meta.input_size)
         self.ood_params = meta.ood
 
+    def load(self, name: str, split: str, data_root) -> tuple[np.ndarray, np.ndarray | None]:
+        return _load_numpy(name, split, data_root, self.channels, self.input_size)
+
     def run(self, images: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
         from cdc_serve.preprocess import normalise
 
@@ -185,6 +201,6 @@ class _OnnxRunner:
             result = self.client.predict_arrays(
                 normalise(images[start : start + batch_size], self.client.meta)
             )
-            probs.append(result["probs"])
-            embedding.append(result["embedding"])
+            probs.append(result[PROBS])
+            embedding.append(result[EMBEDDING])
         return {"cal": np.concatenate(probs), "embedding": np.concatenate(embedding)}

@@ -21,10 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cdc_serve import CDCError, __version__
+from cdc_serve.choices import ExportFormat, TritonBackend, values
+from cdc_serve.contract import INPUT_NAME, ONNX_FILE, PLAN_FILE
 
 PROBS_TOLERANCE = 1e-5
-FORMATS = ("onnx", "tensorrt")
-BACKENDS = ("onnxruntime", "python")
+FORMATS = values(ExportFormat)
+BACKENDS = values(TritonBackend)
 
 
 @dataclass
@@ -95,14 +97,14 @@ def export_model(
     batch, source = verification_batch(info, data_root, verify_batch)
 
     with tempfile.TemporaryDirectory(prefix="cdc-export-") as tmp:
-        onnx_path = Path(tmp) / "model.onnx"
+        onnx_path = Path(tmp) / ONNX_FILE
         export_onnx(inference, batch, onnx_path)
         max_diff = verify_onnx(inference, batch, onnx_path, tolerance=PROBS_TOLERANCE)
         model_file = onnx_path
         notes: list[str] = []
         if fmt == "tensorrt":
             model_file = build_tensorrt_plan(
-                onnx_path, Path(tmp) / "model.plan", info=info, max_batch=max_batch, fp16=fp16
+                onnx_path, Path(tmp) / PLAN_FILE, info=info, max_batch=max_batch, fp16=fp16
             )
         meta = build_meta(info, name=name, embedding_dim=int(inference.embedding_dim))
         from cdc_serve.triton import add_model_version
@@ -118,7 +120,7 @@ def export_model(
             trt_accelerator=trt_accelerator,
             fp16=fp16,
         )
-    final_file = version_dir / ("model.plan" if fmt == "tensorrt" else "model.onnx")
+    final_file = version_dir / (PLAN_FILE if fmt == "tensorrt" else ONNX_FILE)
     if backend == "onnxruntime" and fmt == "onnx":
         notes.append(
             "onnxruntime_onnx needs NVIDIA's Triton container; for the pip-installed "
@@ -193,7 +195,7 @@ def build_tensorrt_plan(
     if fp16:
         config.set_flag(trt.BuilderFlag.FP16)
     profile = builder.create_optimization_profile()
-    profile.set_shape("input", (1, *chw), (max(1, max_batch // 2), *chw), (max_batch, *chw))
+    profile.set_shape(INPUT_NAME, (1, *chw), (max(1, max_batch // 2), *chw), (max_batch, *chw))
     config.add_optimization_profile(profile)
     engine = builder.build_serialized_network(network, config)
     if engine is None:

@@ -73,6 +73,19 @@ def read_header(path: str | os.PathLike) -> tuple[np.dtype, tuple[int, ...], int
     return _DTYPES[code], tuple(int(d) for d in shape), 4 + 4 * ndim
 
 
+def _read_at_most(f, size: int, chunk: int = 1 << 24) -> bytes:
+    """Up to ``size`` bytes of ``f``, in chunks: a header that claims more data than the
+    file holds (10^9 images, say) costs only the memory of the data really there."""
+    parts, left = [], size
+    while left > 0:
+        part = f.read(min(chunk, left))
+        if not part:
+            break
+        parts.append(part)
+        left -= len(part)
+    return b"".join(parts)
+
+
 def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Read a whole IDX file (raw or ``.gz``) into a native-endian numpy array.
 
@@ -87,7 +100,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     try:
         with _open(path, "rb") as f:
             f.read(header)
-            data = f.read(expected + 1)
+            data = _read_at_most(f, expected + 1)
     except (OSError, EOFError, zlib.error) as exc:
         raise CDCError(f"{path}: cannot read IDX file ({exc})") from None
     if len(data) != expected:
@@ -135,7 +148,7 @@ def read_idx_rows(path: str | os.PathLike, start: int, stop: int) -> np.ndarray:
     try:
         with _open(path, "rb") as f:
             f.seek(header + start * row_bytes)
-            data = f.read(want)
+            data = _read_at_most(f, want)
     except (OSError, EOFError, zlib.error) as exc:
         raise CDCError(f"{path}: cannot read IDX file ({exc})") from None
     if len(data) != want:
@@ -182,7 +195,7 @@ def iter_idx_blocks(path: str | os.PathLike, block: int = 1024):
             f.read(header)
             for start in range(0, shape[0], block):
                 count = min(block, shape[0] - start)
-                data = f.read(count * row_bytes)
+                data = _read_at_most(f, count * row_bytes)
                 if len(data) != count * row_bytes:
                     raise CDCError(f"{path}: IDX file truncated at row {start}")
                 rows = np.frombuffer(data, dtype=dtype).reshape((count, *shape[1:]))

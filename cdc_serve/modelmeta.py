@@ -6,11 +6,8 @@ tensors are called, how many clusters there are, and the OOD parameters fitted a
 export time (see :mod:`cdc_serve.ood`), so a client never has to know how the model
 was trained.
 
-Layout of an exported repository (``docs/ARCHITECTURE.md``)::
-
-    <repo>/<name>/config.pbtxt
-    <repo>/<name>/<version>/model.onnx
-    <repo>/<name>/<version>/cdc_meta.json
+The file names, tensor names and the repository layout are those of
+:mod:`cdc_serve.contract`.
 """
 
 from __future__ import annotations
@@ -24,12 +21,20 @@ from pathlib import Path
 from typing import Any
 
 from cdc_serve import CDCError, __version__
+from cdc_serve.choices import Method, values
+from cdc_serve.contract import (
+    INPUT_NAME,
+    META_FILE,
+    META_FORMAT,
+    META_FORMAT_VERSION,
+    OUTPUT_NAMES,
+    find_model_file,
+    version_of,
+)
 
-FORMAT = "cdc-serve/export"
-FORMAT_VERSION = 1
-META_FILE = "cdc_meta.json"
-ONNX_FILE = "model.onnx"
-METHODS = ("cdc", "ruc")
+FORMAT = META_FORMAT
+FORMAT_VERSION = META_FORMAT_VERSION
+METHODS = values(Method)
 
 
 def _now() -> str:
@@ -53,8 +58,8 @@ class ModelMeta:
     embedding_dim: int
     version: int = 0
     method: str = "cdc"
-    input_name: str = "input"
-    outputs: tuple[str, str] = ("probs", "embedding")
+    input_name: str = INPUT_NAME
+    outputs: tuple[str, str] = OUTPUT_NAMES
     ood: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     dataset: str = ""
@@ -183,45 +188,22 @@ class ModelMeta:
         return path
 
 
-def _versions(model_dir: Path) -> list[int]:
-    return sorted(
-        int(p.name)
-        for p in model_dir.iterdir()
-        if p.is_dir() and p.name.isdigit() and (p / ONNX_FILE).is_file()
-    )
-
-
 def find_model(path: str | os.PathLike) -> tuple[Path, ModelMeta]:
     """Locate ``(model.onnx, metadata)`` from a user-given path.
 
     ``path`` may be a repository model folder (``repo/name``: the latest numeric
     version with a ``model.onnx`` is used), a version folder (``repo/name/3``) or a
-    ``.onnx`` file (its metadata is the ``cdc_meta.json`` beside it).
+    ``.onnx`` file (its metadata is the ``cdc_meta.json`` beside it); see
+    :func:`cdc_serve.contract.find_model_file`.
     """
-    path = Path(path)
-    if not path.exists():
-        raise CDCError(
-            f"{path}: model not found (give repo/<name>, a version folder or a .onnx file)"
-        )
-    if path.is_file():
-        if path.suffix != ".onnx":
-            raise CDCError(f"{path}: not an ONNX model (expected a .onnx file or a model folder)")
-        onnx_path = path
-    elif (path / ONNX_FILE).is_file():
-        onnx_path = path / ONNX_FILE
-    else:
-        versions = _versions(path)
-        if not versions:
-            raise CDCError(
-                f"{path}: no model found (no {ONNX_FILE} here nor in a numeric version folder)"
-            )
-        onnx_path = path / str(versions[-1]) / ONNX_FILE
+    onnx_path = find_model_file(path)
     meta_path = onnx_path.with_name(META_FILE)
     if not meta_path.is_file():
         raise CDCError(
             f"{onnx_path}: no {META_FILE} beside the model (export it with `cdc-serve export`)"
         )
     meta = ModelMeta.read(meta_path)
-    if onnx_path.parent.name.isdigit():
-        meta.version = int(onnx_path.parent.name)  # the repository folder is authoritative
+    version = version_of(onnx_path)
+    if version is not None:
+        meta.version = version  # the repository folder is authoritative
     return onnx_path, meta

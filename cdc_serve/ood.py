@@ -45,8 +45,9 @@ from typing import Any
 import numpy as np
 
 from cdc_serve import CDCError
+from cdc_serve.choices import OodScore, values
 
-SCORES = ("msp", "prototype", "mahalanobis", "knn")
+SCORES = values(OodScore)
 DEFAULT_SCORE = "mahalanobis"
 PARAMS_VERSION = 1
 _DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}

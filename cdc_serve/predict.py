@@ -25,21 +25,18 @@ stays unreachable after the client's retries, the run stops with a CDCError that
 names the partial file; ``--resume`` completes it.
 
 Output columns: ``source, cluster_id, confidence, rejected, ood, ood_score, error``
-(CSV with a header, or one JSON object per line for ``.jsonl``).
+(CSV with a header, or one JSON object per line for ``.jsonl``): the file format is
+:mod:`cdc_serve.predict_output`, the printed summary :mod:`cdc_serve.predict_summary`.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import os
 import sys
 import time
-from array import array
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +45,8 @@ import numpy as np
 from cdc_serve import CDCError
 from cdc_serve.client import Client, Prediction
 from cdc_serve.idx import check_idx, is_idx, iter_idx_blocks, read_idx
+from cdc_serve.predict_output import COLUMNS, RowWriter, format_of, read_done
+from cdc_serve.predict_summary import Summary, Tally
 from cdc_serve.preprocess import (
     IMAGE_SUFFIXES,
     MAX_PIXELS,
@@ -57,8 +56,8 @@ from cdc_serve.preprocess import (
     load_image,
 )
 
-COLUMNS = ("source", "cluster_id", "confidence", "rejected", "ood", "ood_score", "error")
-OUTPUT_SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+__all__ = ["COLUMNS", "Item", "Summary", "iter_items", "predict", "read_labels"]
+
 PREDICT_RETRIES = 5  # per request; backoff 1, 2, 4, 8, 10 s: rides out a server restart
 
 
@@ -201,250 +200,6 @@ def read_labels(path: Path) -> np.ndarray:
     return labels.astype(np.int64)
 
 
-# -- output ----------------------------------------------------------------------------
-
-
-def _format_of(output: Path) -> str:
-    kind = OUTPUT_SUFFIXES.get(output.suffix.lower())
-    if kind is None:
-        raise CDCError(f"{output}: output must end in .csv or .jsonl")
-    return kind
-
-
-def _row(p: Prediction) -> dict[str, Any]:
-    return {
-        "source": p.source,
-        "cluster_id": p.cluster_id,
-        "confidence": None if p.confidence is None else round(p.confidence, 7),
-        "rejected": p.rejected,
-        "ood": p.ood,
-        "ood_score": None if p.ood_score is None else float(f"{p.ood_score:.7g}"),
-        "error": p.error,
-    }
-
-
-class _Writer:
-    """Appends rows to ``<output>.partial`` (CSV or JSONL), flushed and synced per chunk."""
-
-    def __init__(self, partial: Path, kind: str, append: bool) -> None:
-        self.kind = kind
-        self.file = open(partial, "a" if append else "w", encoding="utf-8", newline="")  # noqa: SIM115
-        if kind == "csv" and not append:
-            csv.writer(self.file).writerow(COLUMNS)
-
-    def write(self, predictions: Sequence[Prediction]) -> None:
-        buffer = io.StringIO()
-        if self.kind == "csv":
-            writer = csv.writer(buffer)
-            for p in predictions:
-                row = _row(p)
-                writer.writerow(["" if row[c] is None else _csv_value(row[c]) for c in COLUMNS])
-        else:
-            for p in predictions:
-                buffer.write(json.dumps(_row(p), ensure_ascii=False) + "\n")
-        self.file.write(buffer.getvalue())
-        self.file.flush()
-        os.fsync(self.file.fileno())
-
-    def close(self) -> None:
-        self.file.close()
-
-
-def _csv_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
-
-
-def _truncate_partial_line(path: Path) -> None:
-    """Drop an incomplete last line (a run killed while writing)."""
-    with open(path, "rb+") as f:
-        data = f.read()
-        if data and not data.endswith(b"\n"):
-            f.truncate(data.rfind(b"\n") + 1)
-
-
-def _parse_bool(value: Any) -> bool | None:
-    if value in (None, ""):
-        return None
-    if isinstance(value, bool):
-        return value
-    return str(value).lower() == "true"
-
-
-def _read_done(partial: Path, kind: str) -> dict[str, Prediction]:
-    """Rows already written (resume): source -> Prediction."""
-    _truncate_partial_line(partial)
-    done: dict[str, Prediction] = {}
-    with open(partial, encoding="utf-8", newline="") as f:
-        if kind == "csv":
-            reader = csv.DictReader(f)
-            if reader.fieldnames is None:
-                return done
-            if tuple(reader.fieldnames) != COLUMNS:
-                raise CDCError(
-                    f"{partial}: not a cdc-serve predictions file (columns {reader.fieldnames})"
-                )
-            rows: Iterator[dict[str, Any]] = iter(reader)
-        else:
-            rows = (json.loads(line) for line in f if line.strip())
-        try:
-            for row in rows:
-                done[row["source"]] = Prediction(
-                    source=row["source"],
-                    cluster_id=None if row["cluster_id"] in (None, "") else int(row["cluster_id"]),
-                    confidence=None
-                    if row["confidence"] in (None, "")
-                    else float(row["confidence"]),
-                    rejected=_parse_bool(row["rejected"]),
-                    ood=_parse_bool(row["ood"]),
-                    ood_score=None if row["ood_score"] in (None, "") else float(row["ood_score"]),
-                    error=row["error"] or None,
-                )
-        except (KeyError, ValueError, json.JSONDecodeError) as exc:
-            raise CDCError(f"{partial}: cannot resume from this file ({exc})") from None
-    return done
-
-
-# -- summary ---------------------------------------------------------------------------
-
-
-@dataclass
-class Summary:
-    """Counts and accuracy estimates of a scoring run (``format()`` prints them)."""
-
-    n: int = 0
-    n_errors: int = 0
-    n_rejected: int = 0
-    n_ood: int = 0
-    n_resumed: int = 0
-    reject_below: float = 0.8
-    ood_score_name: str = ""
-    estimated_accuracy_accepted: float | None = None
-    estimated_accuracy_all: float | None = None
-    true_accuracy_accepted: float | None = None
-    true_accuracy_rejected: float | None = None
-    true_accuracy_all: float | None = None
-    output: str | None = None
-    model: str = ""
-    seconds: float = 0.0
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def n_scored(self) -> int:
-        return self.n - self.n_errors
-
-    @property
-    def n_accepted(self) -> int:
-        return self.n_scored - self.n_rejected
-
-    @property
-    def share_rejected(self) -> float | None:
-        return self.n_rejected / self.n_scored if self.n_scored else None
-
-    @property
-    def share_ood(self) -> float | None:
-        return self.n_ood / self.n_scored if self.n_scored else None
-
-    def to_dict(self) -> dict[str, Any]:
-        data = {k: v for k, v in self.__dict__.items()}
-        data.update(
-            n_scored=self.n_scored,
-            n_accepted=self.n_accepted,
-            share_rejected=self.share_rejected,
-            share_ood=self.share_ood,
-        )
-        return data
-
-    def format(self) -> str:
-        def pct(v: float | None) -> str:
-            return "-" if v is None else f"{100 * v:.1f} %"
-
-        def acc(v: float | None) -> str:
-            return "-" if v is None else f"{v:.3f}"
-
-        rate = f", {self.n / self.seconds:.0f} inputs/s" if self.seconds > 0 and self.n else ""
-        lines = [
-            f"scored {self.n} inputs with {self.model} in {self.seconds:.1f} s{rate}"
-            + (f" ({self.n_resumed} from the earlier run)" if self.n_resumed else ""),
-            f"  errors (unreadable inputs): {self.n_errors}",
-            f"  rejected (confidence < {self.reject_below:g}): {self.n_rejected} ({pct(self.share_rejected)})",
-            f"  flagged OOD ({self.ood_score_name}): {self.n_ood} ({pct(self.share_ood)})",
-            "",
-            f"  {'':10}{'count':>9}{'est. accuracy':>16}{'true accuracy':>16}",
-        ]
-        show_true = self.true_accuracy_all is not None
-        rows = [
-            (
-                "accepted",
-                self.n_accepted,
-                self.estimated_accuracy_accepted,
-                self.true_accuracy_accepted,
-            ),
-            ("rejected", self.n_rejected, None, self.true_accuracy_rejected),
-            ("all", self.n_scored, self.estimated_accuracy_all, self.true_accuracy_all),
-        ]
-        for name, count, est, true in rows:
-            lines.append(f"  {name:10}{count:>9}{acc(est):>16}{acc(true) if show_true else '':>16}")
-        lines.append(
-            "  (est. accuracy = mean calibrated confidence; true accuracy after Hungarian matching)"
-        )
-        if self.output:
-            lines.append(f"output: {self.output}")
-        lines += [f"note: {n}" for n in self.notes]
-        return "\n".join(lines)
-
-
-class _Tally:
-    """Per-row results in input order (compact arrays), for the summary."""
-
-    def __init__(self) -> None:
-        self.cluster = array("q")  # -1 for error rows
-        self.confidence = array("f")
-        self.rejected = array("b")
-        self.ood = array("b")
-
-    def add(self, p: Prediction) -> None:
-        ok = p.error is None and p.cluster_id is not None
-        self.cluster.append(p.cluster_id if ok else -1)  # type: ignore[arg-type]
-        self.confidence.append(p.confidence if ok else float("nan"))  # type: ignore[arg-type]
-        self.rejected.append(bool(p.rejected) if ok else False)
-        self.ood.append(bool(p.ood) if ok else False)
-
-    def summary(self, summary: Summary, labels: np.ndarray | None) -> Summary:
-        cluster = np.asarray(self.cluster, dtype=np.int64)
-        conf = np.asarray(self.confidence, dtype=np.float64)
-        rejected = np.asarray(self.rejected, dtype=bool)
-        valid = cluster >= 0
-        accepted = valid & ~rejected
-        summary.n = len(cluster)
-        summary.n_errors = int((~valid).sum())
-        summary.n_rejected = int(rejected.sum())
-        summary.n_ood = int(np.asarray(self.ood, dtype=bool).sum())
-        if accepted.any():
-            summary.estimated_accuracy_accepted = float(conf[accepted].mean())
-        if valid.any():
-            summary.estimated_accuracy_all = float(conf[valid].mean())
-        if labels is not None:
-            if len(labels) != len(cluster):
-                summary.notes.append(
-                    f"labels ignored: {len(labels)} labels for {len(cluster)} inputs"
-                )
-            elif valid.any():
-                from cdc_serve.metrics import hungarian_match
-
-                mapping = hungarian_match(labels[valid], cluster[valid])
-                matched = np.full(len(cluster), -2, dtype=np.int64)
-                matched[valid] = mapping[cluster[valid]]
-                correct = matched == labels
-                summary.true_accuracy_all = float(correct[valid].mean())
-                if accepted.any():
-                    summary.true_accuracy_accepted = float(correct[accepted].mean())
-                if (valid & rejected).any():
-                    summary.true_accuracy_rejected = float(correct[valid & rejected].mean())
-        return summary
-
-
 # -- the run ---------------------------------------------------------------------------
 
 
@@ -505,17 +260,18 @@ def predict(
 ) -> Summary:
     """Score every input and write one row each (see the module docstring).
 
-    ``client`` reuses an existing :class:`Client` (``model``/``url`` are then ignored);
-    ``shared_memory`` is :class:`Client`'s (how Triton requests carry their input);
-    ``on_chunk(rows_written)`` is called after each chunk is safely on disk (a hook for
-    progress reporting and tests).
+    ``protocol`` is :class:`Client`'s with ``url`` (``http`` or ``grpc``; without ``url``
+    the model is scored in process, ``local``). ``client`` reuses an existing
+    :class:`Client` (``model``/``url`` are then ignored); ``shared_memory`` is
+    :class:`Client`'s (how Triton requests carry their input); ``on_chunk(rows_written)``
+    is called after each chunk is safely on disk (a hook for progress reporting and tests).
     """
     started = time.monotonic()
     inputs = [Path(p) for p in inputs]
     _check_inputs(inputs)
     if batch_size < 1:
         raise CDCError(f"batch size must be >= 1, got {batch_size}")
-    kind = _format_of(Path(output)) if output is not None else None
+    kind = format_of(Path(output)) if output is not None else None
     if resume and output is None:
         raise CDCError("--resume needs --output (the file of the interrupted run)")
     label_array = read_labels(labels) if labels is not None else None
@@ -529,7 +285,7 @@ def predict(
         client = Client(
             model=model if url is None else None,
             url=url,
-            backend="local" if url is None else protocol,
+            protocol="local" if url is None else protocol,
             model_name=model_name,
             reject_below=reject_below,
             ood_score=ood_score,
@@ -539,25 +295,50 @@ def predict(
             backoff=1.0,
             shared_memory=shared_memory,
         )
-
-    partial = Path(f"{output}.partial") if output is not None else None
-    done: dict[str, Prediction] = {}
+    try:
+        partial = Path(f"{output}.partial") if output is not None else None
+        done = _rows_done(Path(output), partial, kind) if resume and partial else {}
+        if output is not None:
+            Path(output).parent.mkdir(parents=True, exist_ok=True)
+        summary = Summary(
+            reject_below=client.reject_below,
+            ood_score_name=client.ood.name,
+            model=f"{client.meta.name} v{client.meta.version} [{client.protocol}: {client.where}]",
+            output=str(output) if output is not None else None,
+        )
+        tally = Tally()
+        writer = RowWriter(partial, kind, append=bool(done)) if partial and kind else None
+        _score_all(inputs, client, batch_size, done, writer, tally, summary, progress, on_chunk)
+    finally:
+        if own_client:
+            client.close()
     if output is not None and partial is not None:
-        output = Path(output)
-        if resume and not partial.exists() and output.exists():
-            partial.write_bytes(output.read_bytes())  # resume a finished run: nothing left to do
-        if resume and partial.exists():
-            done = _read_done(partial, kind)  # type: ignore[arg-type]
-        output.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(partial, output)
+    summary.seconds = time.monotonic() - started
+    return tally.summary(summary, label_array)
 
-    summary = Summary(
-        reject_below=client.reject_below,
-        ood_score_name=client.ood.name,
-        model=f"{client.meta.name} v{client.meta.version} [{client.backend}: {client.where}]",
-        output=str(output) if output is not None else None,
-    )
-    tally = _Tally()
-    writer = _Writer(partial, kind, append=bool(done)) if partial is not None else None  # type: ignore[arg-type]
+
+def _rows_done(output: Path, partial: Path, kind: str | None) -> dict[str, Prediction]:
+    """The rows an interrupted (or finished) run already wrote, by source (``--resume``)."""
+    if not partial.exists() and output.exists():
+        partial.write_bytes(output.read_bytes())  # resume a finished run: nothing left to do
+    if not partial.exists() or kind is None:
+        return {}
+    return read_done(partial, kind)
+
+
+def _score_all(
+    inputs: Sequence[Path],
+    client: Client,
+    batch_size: int,
+    done: dict[str, Prediction],
+    writer: RowWriter | None,
+    tally: Tally,
+    summary: Summary,
+    progress: bool,
+    on_chunk: Callable[[int], None] | None,
+) -> None:
+    """Read, score and write the inputs chunk by chunk; rows in ``done`` are not scored again."""
     bar = _progress_bar() if progress else None
     chunk_size = batch_size * max(1, client.concurrency)
     written = 0
@@ -569,8 +350,8 @@ def predict(
                     fresh = {p.source: p for p in _score_chunk(client, todo, pool)} if todo else {}
                 except CDCError as exc:
                     where = (
-                        f"; {written + len(done)} rows are kept in {partial}: rerun with --resume"
-                        if partial
+                        f"; {written + len(done)} rows are kept in {writer.path}: rerun with --resume"
+                        if writer is not None
                         else ""
                     )
                     raise CDCError(f"{exc}{where}") from None
@@ -592,12 +373,6 @@ def predict(
             writer.close()
         if bar is not None:
             bar.close()
-        if own_client:
-            client.close()
-    if output is not None and partial is not None:
-        os.replace(partial, output)
-    summary.seconds = time.monotonic() - started
-    return tally.summary(summary, label_array)
 
 
 def _progress_bar():

@@ -240,6 +240,28 @@ def array_to_image(
     return to_model_image(img, channels, input_size)
 
 
+def to_model_images(images: np.ndarray, channels: int, input_size: tuple[int, int]) -> np.ndarray:
+    """uint8 ``N x C x H x W`` images (C = 1 or 3, any size) -> uint8 ``N x channels x H' x W'``.
+
+    Each image is converted and resized exactly as :meth:`cdc_serve.client.Client.predict`
+    does it for an image array (:func:`array_to_image`: Pillow's bilinear resize, Pillow's
+    ITU-R 601-2 luma for RGB to grayscale); images already at the model's size and
+    channels are returned as they are.
+    """
+    images = np.asarray(images)
+    if images.ndim != 4 or images.dtype != np.uint8 or images.shape[1] not in (1, 3):
+        raise CDCError(
+            f"expected uint8 N x C x H x W images with C = 1 or 3, got {images.dtype} {images.shape}"
+        )
+    if images.shape[1] == channels and tuple(images.shape[2:]) == tuple(input_size):
+        return images
+    height, width = input_size
+    out = np.empty((len(images), channels, height, width), dtype=np.uint8)
+    for i, image in enumerate(images):
+        out[i] = array_to_image(image, "CHW", channels, (height, width))
+    return out
+
+
 def prepare(
     item: Any, channels: int, input_size: tuple[int, int], max_pixels: int = MAX_PIXELS
 ) -> np.ndarray:

@@ -44,7 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cdc_serve import CDCError
-from cdc_serve.triton import CONFIG_FILE, gpu_visible, list_models
+from cdc_serve.contract import CONFIG_FILE
+from cdc_serve.triton import gpu_visible, list_models
 
 LOG_TAIL_LINES = 40
 

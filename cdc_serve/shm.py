@@ -21,7 +21,11 @@ import uuid
 
 import numpy as np
 
-MODES = ("auto", "system", "none")
+from cdc_serve import CDCError
+from cdc_serve.choices import SharedMemory, values
+from cdc_serve.contract import INPUT_NAME
+
+MODES = values(SharedMemory)
 SHM_DIR = "/dev/shm"  # where Linux keeps POSIX shared-memory objects
 _LOOPBACK = {"127.0.0.1", "localhost", "::1", "ip6-localhost"}
 
@@ -45,7 +49,7 @@ def is_loopback(url: str) -> bool:
     return host.lower() in _LOOPBACK or host.startswith("127.")
 
 
-class SharedMemoryUnavailable(Exception):
+class SharedMemoryUnavailable(CDCError):
     """This process cannot create the region, or the server cannot open it (another host or
     container). Connection errors are not this: they propagate as they are, to be retried."""
 
@@ -88,10 +92,10 @@ class SharedInput:
                 ) from exc
             raise
 
-    def input(self, x: np.ndarray, name: str = "input"):
+    def input(self, x: np.ndarray, name: str = INPUT_NAME):
         """Copy the float32 batch ``x`` into the region; the ``InferInput`` that points at it."""
         if x.nbytes > self.nbytes:
-            raise ValueError(f"{x.nbytes} bytes do not fit the {self.nbytes}-byte region")
+            raise CDCError(f"{x.nbytes} bytes do not fit the {self.nbytes}-byte region {self.key}")
         self._shm.set_shared_memory_region(self.handle, [x])
         inp = self.module.InferInput(name, list(x.shape), "FP32")
         inp.set_shared_memory(self.name, x.nbytes)

@@ -17,10 +17,12 @@ Three serving variants share that layout:
   ``model.py``, for the ``tritonserver`` that ``pip install nvidia-pytriton`` ships
   (it has the Python backend only).
 
-The model contract (``docs/ARCHITECTURE.md``): input ``input`` float32 ``[N, C, H, W]``,
-outputs ``probs`` float32 ``[N, num_classes]`` and ``embedding`` float32 ``[N, D]``.
-A new version never replaces an existing one: it is written to a hidden folder first
-and renamed into place.
+The model contract (tensor names, file names, version folders) is
+:mod:`cdc_serve.contract`: input ``input`` float32 ``[N, C, H, W]``, outputs ``probs``
+float32 ``[N, num_classes]`` and ``embedding`` float32 ``[N, D]``. The ``input`` and
+``output`` entries of ``config.pbtxt`` carry those names to the server and to the
+Python-backend ``model.py``, which reads them from there. A new version never replaces
+an existing one: it is written to a hidden folder first and renamed into place.
 """
 
 from __future__ import annotations
@@ -36,16 +38,45 @@ from pathlib import Path
 from typing import Any
 
 from cdc_serve import CDCError
+from cdc_serve.contract import (
+    CONFIG_FILE,
+    EMBEDDING,
+    INPUT_NAME,
+    META_FILE,
+    META_FILE_PARAMETER,
+    META_PARAMETER,
+    ONNX_FILE,
+    OUTPUT_NAMES,
+    PLAN_FILE,
+    PROBS,
+    PYTHON_MODEL_FILE,
+    latest_version_dir,
+    next_version,
+    versions,
+)
+
+__all__ = [  # the layout helpers live in cdc_serve.contract; re-exported for callers here
+    "CONFIG_FILE",
+    "INPUT_NAME",
+    "META_FILE",
+    "OUTPUT_NAMES",
+    "add_model_version",
+    "config_pbtxt",
+    "latest_version_dir",
+    "list_models",
+    "meta_parameters",
+    "next_version",
+    "onnx_shapes",
+    "parse_config",
+    "read_config",
+    "read_meta",
+]
 
 BACKENDS = ("onnxruntime", "python", "tensorrt")
 INSTANCE_KINDS = ("auto", "KIND_CPU", "KIND_GPU")
-META_FILE = "cdc_meta.json"
-CONFIG_FILE = "config.pbtxt"
-INPUT_NAME = "input"
-OUTPUT_NAMES = ("probs", "embedding")
 
 # The file each backend loads from a version folder (Triton's default file names).
-MODEL_FILES = {"onnxruntime": "model.onnx", "python": "model.onnx", "tensorrt": "model.plan"}
+MODEL_FILES = {"onnxruntime": ONNX_FILE, "python": ONNX_FILE, "tensorrt": PLAN_FILE}
 PYTHON_MODEL_SOURCE = Path(__file__).with_name("triton_python_model.py")
 
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
@@ -54,25 +85,11 @@ _MODEL_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 # ----------------------------------------------------------------------------- versions
 
 
-def next_version(model_dir: Path) -> int:
-    """The version number a new export gets: the largest numeric sub-folder + 1 (1 if none)."""
-    return max(_numeric_versions(Path(model_dir)), default=0) + 1
-
-
-def latest_version_dir(model_dir: Path) -> Path:
-    """The highest numbered version folder of ``model_dir`` (the one Triton serves by default)."""
-    model_dir = Path(model_dir)
-    versions = _numeric_versions(model_dir)
-    if not versions:
-        raise CDCError(f"{model_dir} holds no numbered version folder (expected {model_dir}/1/...)")
-    return model_dir / str(max(versions))
-
-
 def read_meta(path: Path) -> dict[str, Any]:
     """Read ``cdc_meta.json`` from a version folder, a model folder (its latest version) or the file."""
     path = Path(path)
     if path.is_dir():
-        if not (path / META_FILE).exists() and _numeric_versions(path):
+        if not (path / META_FILE).exists() and versions(path):
             path = latest_version_dir(path)
         path = path / META_FILE
     if not path.is_file():
@@ -92,12 +109,6 @@ def list_models(repo: Path) -> list[str]:
     if not repo.is_dir():
         return []
     return sorted(p.name for p in repo.iterdir() if p.is_dir() and (p / CONFIG_FILE).is_file())
-
-
-def _numeric_versions(model_dir: Path) -> list[int]:
-    if not model_dir.is_dir():
-        return []
-    return [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
 
 
 # ----------------------------------------------------------------------------- config.pbtxt
@@ -183,6 +194,38 @@ def config_pbtxt(
     if backend not in BACKENDS:
         raise CDCError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
     _check_model_name(name)
+    chw = _check_shapes(num_classes, input_chw, embedding_dim, max_batch, instance_count)
+    if not isinstance(max_queue_delay_us, int) or max_queue_delay_us < 0:
+        raise CDCError(
+            f"max_queue_delay_us must be a non-negative integer, not {max_queue_delay_us!r}"
+        )
+    _check_acceleration(backend, trt_accelerator, fp16)
+    kind = resolve_instance_kind(instance_kind, backend)
+    preferred = sorted(set(preferred_batch_sizes or []))
+    bad = [b for b in preferred if not isinstance(b, int) or not 1 <= b <= max_batch]
+    if bad:
+        raise CDCError(f"preferred batch sizes must lie in 1..{max_batch}, got {bad}")
+
+    lines = [
+        *_head_lines(name, backend, max_batch),
+        *_tensor_lines(chw, num_classes, embedding_dim),
+        *_batching_lines(preferred, max_queue_delay_us),
+        *_instance_lines(instance_count, kind),
+    ]
+    if trt_accelerator:
+        lines += _accelerator_lines(fp16)
+    lines += _parameter_lines(parameters or {})
+    return "\n".join(lines) + "\n"
+
+
+def _check_shapes(
+    num_classes: int,
+    input_chw: tuple[int, int, int],
+    embedding_dim: int,
+    max_batch: int,
+    instance_count: int,
+) -> tuple[int, int, int]:
+    """Check the sizes config_pbtxt writes; returns ``input_chw`` as a tuple."""
     for label, value in (
         ("num_classes", num_classes),
         ("embedding_dim", embedding_dim),
@@ -194,10 +237,11 @@ def config_pbtxt(
     chw = tuple(input_chw)
     if len(chw) != 3 or not all(isinstance(d, int) and d >= 1 for d in chw):
         raise CDCError(f"input_chw must be three positive integers (C, H, W), not {input_chw!r}")
-    if not isinstance(max_queue_delay_us, int) or max_queue_delay_us < 0:
-        raise CDCError(
-            f"max_queue_delay_us must be a non-negative integer, not {max_queue_delay_us!r}"
-        )
+    return chw  # type: ignore[return-value]
+
+
+def _check_acceleration(backend: str, trt_accelerator: bool, fp16: bool) -> None:
+    """TensorRT options only where they apply."""
     if trt_accelerator and backend != "onnxruntime":
         raise CDCError(
             "the TensorRT execution accelerator is an option of the onnxruntime backend only"
@@ -210,74 +254,66 @@ def config_pbtxt(
         raise CDCError(
             "fp16 with the onnxruntime backend needs the TensorRT accelerator (trt_accelerator=True)"
         )
-    kind = resolve_instance_kind(instance_kind, backend)
-    preferred = sorted(set(preferred_batch_sizes or []))
-    bad = [b for b in preferred if not isinstance(b, int) or not 1 <= b <= max_batch]
-    if bad:
-        raise CDCError(f"preferred batch sizes must lie in 1..{max_batch}, got {bad}")
 
-    lines = [f"name: {pbtxt_string(name)}"]
-    if backend == "onnxruntime":
-        lines.append('platform: "onnxruntime_onnx"')
-    elif backend == "tensorrt":
-        lines.append('platform: "tensorrt_plan"')
-    else:
-        lines.append('backend: "python"')
-    lines += [
-        f"max_batch_size: {max_batch}",
-        "input [",
-        "  {",
-        f'    name: "{INPUT_NAME}"',
-        "    data_type: TYPE_FP32",
-        f"    dims: [ {chw[0]}, {chw[1]}, {chw[2]} ]",
-        "  }",
-        "]",
-        "output [",
-        "  {",
-        '    name: "probs"',
-        "    data_type: TYPE_FP32",
-        f"    dims: [ {num_classes} ]",
-        "  },",
-        "  {",
-        '    name: "embedding"',
-        "    data_type: TYPE_FP32",
-        f"    dims: [ {embedding_dim} ]",
-        "  }",
-        "]",
-        "dynamic_batching {",
-    ]
+
+def _head_lines(name: str, backend: str, max_batch: int) -> list[str]:
+    platform = {
+        "onnxruntime": 'platform: "onnxruntime_onnx"',
+        "tensorrt": 'platform: "tensorrt_plan"',
+        "python": 'backend: "python"',
+    }[backend]
+    return [f"name: {pbtxt_string(name)}", platform, f"max_batch_size: {max_batch}"]
+
+
+def _tensor_lines(chw: tuple[int, int, int], num_classes: int, embedding_dim: int) -> list[str]:
+    """The ``input`` / ``output`` entries: the contract's tensor names and shapes."""
+
+    def tensor(name: str, dims: tuple[int, ...]) -> list[str]:
+        return [
+            "  {",
+            f"    name: {pbtxt_string(name)}",
+            "    data_type: TYPE_FP32",
+            f"    dims: [ {', '.join(str(d) for d in dims)} ]",
+            "  }",
+        ]
+
+    probs, embedding = tensor(PROBS, (num_classes,)), tensor(EMBEDDING, (embedding_dim,))
+    probs[-1] += ","
+    return ["input [", *tensor(INPUT_NAME, chw), "]", "output [", *probs, *embedding, "]"]
+
+
+def _batching_lines(preferred: list[int], max_queue_delay_us: int) -> list[str]:
+    lines = ["dynamic_batching {"]
     if preferred:
         lines.append(f"  preferred_batch_size: [ {', '.join(str(b) for b in preferred)} ]")
-    lines += [
-        f"  max_queue_delay_microseconds: {max_queue_delay_us}",
-        "}",
-        "instance_group [",
-        "  {",
-        f"    count: {instance_count}",
-        f"    kind: {kind}",
+    return [*lines, f"  max_queue_delay_microseconds: {max_queue_delay_us}", "}"]
+
+
+def _instance_lines(count: int, kind: str) -> list[str]:
+    return ["instance_group [", "  {", f"    count: {count}", f"    kind: {kind}", "  }", "]"]
+
+
+def _accelerator_lines(fp16: bool) -> list[str]:
+    return [
+        "optimization {",
+        "  execution_accelerators {",
+        "    gpu_execution_accelerator : [",
+        "      {",
+        '        name : "tensorrt"',
+        '        parameters { key: "precision_mode" value: ' + ('"FP16" }' if fp16 else '"FP32" }'),
+        '        parameters { key: "max_workspace_size_bytes" value: "1073741824" }',
+        "      }",
+        "    ]",
         "  }",
-        "]",
+        "}",
     ]
-    if trt_accelerator:
-        lines += [
-            "optimization {",
-            "  execution_accelerators {",
-            "    gpu_execution_accelerator : [",
-            "      {",
-            '        name : "tensorrt"',
-            '        parameters { key: "precision_mode" value: '
-            + ('"FP16" }' if fp16 else '"FP32" }'),
-            '        parameters { key: "max_workspace_size_bytes" value: "1073741824" }',
-            "      }",
-            "    ]",
-            "  }",
-            "}",
-        ]
-    for key, value in sorted((parameters or {}).items()):
-        lines.append(
-            f"parameters {{ key: {pbtxt_string(key)} value: {{ string_value: {pbtxt_string(value)} }} }}"
-        )
-    return "\n".join(lines) + "\n"
+
+
+def _parameter_lines(parameters: dict[str, str]) -> list[str]:
+    return [
+        f"parameters {{ key: {pbtxt_string(key)} value: {{ string_value: {pbtxt_string(value)} }} }}"
+        for key, value in sorted(parameters.items())
+    ]
 
 
 def parse_config(text: str):
@@ -307,8 +343,8 @@ def meta_parameters(meta: dict[str, Any], max_len: int = 2048) -> dict[str, str]
     client talking to Triton learns the preprocessing and the fitted OOD statistics.
     """
     params = {
-        "cdc_meta_file": META_FILE,
-        "cdc_meta": json.dumps(meta, sort_keys=True, separators=(",", ":"), allow_nan=False),
+        META_FILE_PARAMETER: META_FILE,
+        META_PARAMETER: json.dumps(meta, sort_keys=True, separators=(",", ":"), allow_nan=False),
     }
     for key, value in meta.items():
         if isinstance(value, bool):
@@ -385,7 +421,7 @@ def add_model_version(
         shutil.copyfile(model_file, staging / MODEL_FILES[backend])
         (staging / META_FILE).write_text(_meta_json(meta), encoding="utf-8")
         if backend == "python":
-            shutil.copyfile(PYTHON_MODEL_SOURCE, staging / "model.py")
+            shutil.copyfile(PYTHON_MODEL_SOURCE, staging / PYTHON_MODEL_FILE)
         os.chmod(staging, 0o755)
         os.rename(staging, version_dir)  # replaces the empty folder we claimed, atomically
     except BaseException:
@@ -538,7 +574,7 @@ def onnx_shapes(model_file: Path) -> dict[str, Any]:
             )
     _, in_shape = inputs[INPUT_NAME]
     return {
-        "num_classes": outputs["probs"][1][1],
+        "num_classes": outputs[PROBS][1][1],
         "input_chw": tuple(in_shape[1:]),
-        "embedding_dim": outputs["embedding"][1][1],
+        "embedding_dim": outputs[EMBEDDING][1][1],
     }

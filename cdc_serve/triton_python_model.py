@@ -4,11 +4,20 @@
 for the ``python`` backend, the only backend of the ``tritonserver`` that pip installs
 (``nvidia-pytriton``). It runs inside Triton's Python stub process, never imported by
 cdc-serve itself: it needs only numpy, onnxruntime and Triton's
-``triton_python_backend_utils`` (which the stub provides).
+``triton_python_backend_utils`` (which the stub provides). cdc-serve may not be
+installed where the server runs, so this file imports nothing from it.
+
+The tensor names are not written here: they come from the model configuration Triton
+hands to :meth:`TritonPythonModel.initialize` (the ``input`` and ``output`` entries of
+the ``config.pbtxt`` that :mod:`cdc_serve.triton` writes from :mod:`cdc_serve.contract`).
+The ONNX file is ``model.onnx`` in the version folder (``default_model_filename`` names
+this ``model.py`` for the python backend, not the graph). The onnxruntime thread count
+is the string parameter ``ort_intra_op_threads`` (else ``$CDC_ORT_THREADS``, else
+onnxruntime's default).
 
 Every call of :meth:`TritonPythonModel.execute` gets the requests the dynamic batcher
-gathered; their ``input`` tensors are stacked into one batch, run once, and the
-``probs`` / ``embedding`` rows are split back per request.
+gathered; their input tensors are stacked into one batch, run once, and the output rows
+are split back per request.
 """
 
 from __future__ import annotations
@@ -21,22 +30,41 @@ import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
-OUTPUTS = ("probs", "embedding")
+# These two names are also in cdc_serve.contract (ONNX_FILE, ORT_THREADS_PARAMETER);
+# this file cannot import it, and tests/serving/test_triton.py checks that they agree.
+MODEL_FILE = "model.onnx"
+THREADS_PARAMETER = "ort_intra_op_threads"
+
+
+def tensor_names(config: dict) -> tuple[str, list[str]]:
+    """The input name and the output names that the model configuration declares."""
+    inputs = [t.get("name", "") for t in config.get("input", [])]
+    outputs = [t.get("name", "") for t in config.get("output", [])]
+    if len(inputs) != 1 or not inputs[0] or not outputs or not all(outputs):
+        raise ValueError(
+            f"the model configuration must declare one named input and named outputs, "
+            f"got inputs {inputs} and outputs {outputs}"
+        )
+    return inputs[0], outputs
 
 
 class TritonPythonModel:
     """The model instance Triton creates (one per ``instance_group`` count)."""
 
     def initialize(self, args: dict) -> None:
-        version_dir = Path(args["model_repository"]) / args["model_version"]
-        model_path = version_dir / "model.onnx"
-        if not model_path.is_file():
-            model_path = Path(__file__).with_name("model.onnx")
         config = json.loads(args["model_config"])
+        try:
+            self.input_name, self.output_names = tensor_names(config)
+        except ValueError as exc:
+            raise pb_utils.TritonModelException(str(exc)) from None
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        model_path = version_dir / MODEL_FILE
+        if not model_path.is_file():
+            model_path = Path(__file__).with_name(MODEL_FILE)
         params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
 
         options = ort.SessionOptions()
-        threads = int(params.get("ort_intra_op_threads", os.environ.get("CDC_ORT_THREADS", "0")))
+        threads = int(params.get(THREADS_PARAMETER, os.environ.get("CDC_ORT_THREADS", "0")))
         options.intra_op_num_threads = threads
         providers: list = ["CPUExecutionProvider"]
         if args.get("model_instance_kind") == "GPU" and "CUDAExecutionProvider" in (
@@ -47,22 +75,31 @@ class TritonPythonModel:
         self.session = ort.InferenceSession(str(model_path), options, providers=providers)
 
         outputs = [o.name for o in self.session.get_outputs()]
-        missing = [name for name in OUTPUTS if name not in outputs]
+        missing = [name for name in self.output_names if name not in outputs]
         if missing:
             raise pb_utils.TritonModelException(
                 f"{model_path} lacks the outputs {missing} (it has {outputs})"
             )
-        self.input_name = self.session.get_inputs()[0].name
+        self.graph_input = self.session.get_inputs()[0].name
+
+    def _read(self, request) -> np.ndarray | str:
+        """The request's input array, or the error message for it."""
+        tensor = pb_utils.get_input_tensor_by_name(request, self.input_name)
+        array = None if tensor is None else tensor.as_numpy()
+        if array is None:
+            return f"the request has no tensor named {self.input_name!r}"
+        if array.dtype != np.float32 or array.ndim != 4:
+            return (
+                f"{self.input_name!r} must be float32 [N, C, H, W], got {array.dtype} {array.shape}"
+            )
+        return array
 
     def execute(self, requests: list) -> list:
         batches, errors = [], {}
         for i, request in enumerate(requests):
-            tensor = pb_utils.get_input_tensor_by_name(request, "input")
-            array = None if tensor is None else tensor.as_numpy()
-            if array is None:
-                errors[i] = "the request has no tensor named 'input'"
-            elif array.dtype != np.float32 or array.ndim != 4:
-                errors[i] = f"'input' must be float32 [N, C, H, W], got {array.dtype} {array.shape}"
+            array = self._read(request)
+            if isinstance(array, str):
+                errors[i] = array
             else:
                 batches.append((i, array))
 
@@ -70,7 +107,7 @@ class TritonPythonModel:
         if batches:
             stacked = np.concatenate([a for _, a in batches], axis=0)
             try:
-                probs, embedding = self.session.run(list(OUTPUTS), {self.input_name: stacked})
+                arrays = self.session.run(self.output_names, {self.graph_input: stacked})
             except Exception as exc:  # onnxruntime raises its own exception types
                 for i, _ in batches:
                     errors[i] = f"onnxruntime failed: {exc}"
@@ -78,7 +115,7 @@ class TritonPythonModel:
                 start = 0
                 for i, array in batches:
                     stop = start + array.shape[0]
-                    results[i] = (probs[start:stop], embedding[start:stop])
+                    results[i] = [a[start:stop] for a in arrays]
                     start = stop
 
         responses = []
@@ -86,17 +123,11 @@ class TritonPythonModel:
             if i in errors:
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(errors[i])))
                 continue
-            probs, embedding = results[i]
-            responses.append(
-                pb_utils.InferenceResponse(
-                    output_tensors=[
-                        pb_utils.Tensor("probs", np.ascontiguousarray(probs, dtype=np.float32)),
-                        pb_utils.Tensor(
-                            "embedding", np.ascontiguousarray(embedding, dtype=np.float32)
-                        ),
-                    ]
-                )
-            )
+            tensors = [
+                pb_utils.Tensor(name, np.ascontiguousarray(rows, dtype=np.float32))
+                for name, rows in zip(self.output_names, results[i], strict=True)
+            ]
+            responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
         return responses
 
     def finalize(self) -> None:

@@ -1,6 +1,6 @@
 """Shared pytest fixtures.
 
-Triton helpers (used by tests/test_serve.py and any test that needs a real server):
+Triton helpers (used by tests/serving/test_serve.py and any test that needs a real server):
 
 - ``make_tiny_onnx(path, ...)`` writes a small ONNX model that follows the cdc-serve
   contract (``input`` -> ``probs``, ``embedding``) without torch: Flatten -> MatMul -> Add

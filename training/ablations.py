@@ -2,7 +2,7 @@
 
 One full CDC run pretrains the backbone; every ablation row reuses that backbone
 (``backbone.pt`` copied into its run folder, then ``pipeline.train(..., resume=True)``
-skips pretraining) and changes one thing (``config.ABLATIONS``):
+skips pretraining) and changes one thing (``presets.ABLATIONS``):
 
 - I    random head initialisation: right after init, and after CDC ("w/o Init. + CDC");
        the proposed prototype init right after init
@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 from cdc_serve import CDCError
-from cdc_serve_training.config import make_config
 from cdc_serve_training.pipeline import train
+from cdc_serve_training.presets import make_config
 
 KEYS = ("acc", "nmi", "ari", "ece")
 
@@ -185,7 +185,7 @@ def run_ablations(
     limit: int | None = None,
 ) -> Path:
     """Train every Table 2 variant on ``dataset`` and write the Markdown report to ``out``."""
-    from cdc_serve_training.config import ABLATIONS
+    from cdc_serve_training.presets import ABLATIONS
 
     runs = Path(runs)
     common = {

@@ -30,8 +30,8 @@ Random numbers come from ``generator`` when given (on its own device, then moved
 generator gives the same augmentation on any device up to float rounding), so a seeded
 generator reproduces a batch exactly.
 
-``PILReferencePipeline`` is the per-image torchvision + PIL + DataLoader pipeline of the
-reference implementation, kept for the benchmark that compares the two.
+The per-image torchvision + PIL + DataLoader pipeline of the reference implementation,
+which the training benchmark compares against, is ``benchmarks/pil_pipeline.py``.
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from cdc_serve import CDCError
 
 # RandAugment-style operations of the strong view (Van Gansbeke et al. 2020 list).
 STRONG_OPS = (
@@ -285,7 +287,7 @@ class Augmenter:
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         if len(self.mean) != len(self.std):
-            raise ValueError("mean and std need one value per channel")
+            raise CDCError("mean and std need one value per channel")
         self.crop_scale = crop_scale
         self.weak_crop_scale = weak_crop_scale
         self.cutout = round(min(self.size) / 2) if cutout is None else int(cutout)
@@ -301,7 +303,7 @@ class Augmenter:
 
     def _to_float(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != len(self.mean):
-            raise ValueError(f"expected N x {len(self.mean)} x H x W images, got {tuple(x.shape)}")
+            raise CDCError(f"expected N x {len(self.mean)} x H x W images, got {tuple(x.shape)}")
         if x.dtype == torch.uint8:
             return x.float().div_(255)
         return x.float()
@@ -451,97 +453,3 @@ class Augmenter:
 # ----------------------------------------------------------------------------------------------
 # The reference-style pipeline (per image, PIL, DataLoader) for the benchmark
 # ----------------------------------------------------------------------------------------------
-
-
-class _Cutout:
-    """One square hole of ``length`` px set to 0 on a normalised C x H x W tensor."""
-
-    def __init__(self, length: int) -> None:
-        self.length = length
-
-    def __call__(self, t: torch.Tensor) -> torch.Tensor:
-        h, w = t.shape[-2:]
-        cy, cx = int(torch.randint(h, ())), int(torch.randint(w, ()))
-        half = self.length // 2
-        t = t.clone()
-        t[:, max(0, cy - half) : cy + half, max(0, cx - half) : cx + half] = 0
-        return t
-
-
-class PILReferencePipeline(torch.utils.data.Dataset):
-    """Per-image torchvision transforms on PIL images, as the reference code feeds its model.
-
-    ``PILReferencePipeline(data, "strong").loader(batch_size, num_workers)`` yields
-    ``(views, index)`` batches; ``view`` is ``"val"``, ``"weak"``, ``"strong"`` or ``"moco"``
-    or a tuple of them (one tensor per view).
-    """
-
-    def __init__(
-        self, data, view: str | Sequence[str] = "strong", aug: Augmenter | None = None
-    ) -> None:
-        import torchvision.transforms as T
-
-        self.images = data.images
-        aug = aug or Augmenter(data.size, data.mean, data.std)
-        size, c = data.size, data.channels
-        tail = [T.ToTensor(), T.Normalize(aug.mean, aug.std)]
-        jitter = T.ColorJitter(*aug.jitter) if c == 3 else T.ColorJitter(*aug.jitter[:2])
-        pipelines = {
-            "val": T.Compose(tail),
-            "weak": T.Compose(
-                [
-                    T.RandomResizedCrop(size, scale=aug.weak_crop_scale),
-                    T.RandomHorizontalFlip(),
-                    *tail,
-                ]
-            ),
-            "strong": T.Compose(
-                [
-                    T.RandomHorizontalFlip(),
-                    T.RandomResizedCrop(size, scale=aug.crop_scale),
-                    T.RandAugment(num_ops=aug.strong_ops),
-                    *tail,
-                    *([_Cutout(aug.cutout)] if aug.cutout > 0 else []),
-                ]
-            ),
-            "moco": T.Compose(
-                [
-                    T.RandomResizedCrop(size, scale=aug.crop_scale),
-                    T.RandomHorizontalFlip(),
-                    T.RandomApply([jitter], p=aug.jitter_p),
-                    *([T.RandomGrayscale(aug.grayscale_p)] if c == 3 else []),
-                    *(
-                        [T.RandomApply([T.GaussianBlur(aug.blur_kernel, (0.1, 2.0))], p=0.5)]
-                        if aug.blur
-                        else []
-                    ),
-                    *tail,
-                ]
-            ),
-        }
-        self.views = (view,) if isinstance(view, str) else tuple(view)
-        self.transforms = [pipelines[v] for v in self.views]
-        self.mode = "L" if c == 1 else "RGB"
-
-    def __len__(self) -> int:
-        return int(self.images.shape[0])
-
-    def __getitem__(self, i: int):
-        from PIL import Image
-
-        a = self.images[i].numpy()
-        img = Image.fromarray(a[0] if self.mode == "L" else a.transpose(1, 2, 0), self.mode)
-        views = [t(img) for t in self.transforms]
-        return (views[0] if len(views) == 1 else tuple(views)), i
-
-    def loader(self, batch_size: int, num_workers: int = 2, shuffle: bool = True, seed: int = 0):
-        generator = torch.Generator().manual_seed(seed)
-        return torch.utils.data.DataLoader(
-            self,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            num_workers=num_workers,
-            generator=generator,
-            drop_last=True,
-            persistent_workers=num_workers > 0,
-        )

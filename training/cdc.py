@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from cdc_serve import CDCError
-from cdc_serve_training.checkpoint import load_training_state, save_training_state
+from cdc_serve_training.checkpoint import fingerprint, load_stage, save_stage
 from cdc_serve_training.config import CDCConfig
 from cdc_serve_training.heads import ClusteringModel
 from cdc_serve_training.kmeans import kmeans
@@ -166,11 +166,9 @@ def _optimizer(model: ClusteringModel, cfg: CDCConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(groups, weight_decay=cfg.weight_decay)
 
 
-def _resume_keys(cfg: CDCConfig) -> dict:
-    """The settings a checkpoint must agree with to be resumed."""
-    keys = asdict(cfg)
-    keys.pop("epochs")  # resuming with more epochs is allowed
-    return keys
+def cdc_fingerprint(cfg: CDCConfig, *, seed: int, n_images: int) -> dict:
+    """What a CDC checkpoint must agree with to be resumed (``epochs`` may grow)."""
+    return fingerprint("cdc", asdict(cfg), seed=seed, n_images=n_images)
 
 
 def train_cdc(
@@ -190,12 +188,12 @@ def train_cdc(
 
     ``data`` is an :class:`~cdc_serve_training.data.ImageData`, ``augmenter`` an
     :class:`~cdc_serve_training.augment.Augmenter`. A checkpoint is written after every
-    epoch to ``checkpoint_path``; with ``resume=True`` training continues from it and
-    ends with the same weights as an uninterrupted run (bit-identical on CPU).
+    epoch to ``checkpoint_path``; with ``resume=True`` training continues from it (same
+    settings, seed and data size; ``epochs`` may grow) and ends with the same weights as
+    an uninterrupted run (bit-identical on CPU).
     """
     n = len(data)
     B = cfg.batch_size
-    C = data.num_classes
     if n < B:
         raise CDCError(f"CDC batch size B={B} is larger than the data set ({n} images)")
     _to_device(model, device)
@@ -203,59 +201,22 @@ def train_cdc(
     # per epoch: the means of _train_batch's figures, and the epoch's wall time (summed
     # over resumed runs, it is the training time of the whole schedule)
     history: dict[str, list[float]] = {key: [] for key in (*_BATCH_STATS, "seconds")}
+    stage = cdc_fingerprint(cfg, seed=seed, n_images=n)
     start_epoch = 0
-    if resume and checkpoint_path is not None and Path(checkpoint_path).exists():
-        state = load_training_state(checkpoint_path, map_location=device)
-        saved, wanted = state.get("config") or {}, _resume_keys(cfg)
-        if saved != wanted:
-            changed = ", ".join(
-                f"{key} {saved.get(key)!r} -> {wanted.get(key)!r}"
-                for key in sorted(set(saved) | set(wanted))
-                if saved.get(key) != wanted.get(key)
-            )
-            raise CDCError(
-                f"cannot resume from {checkpoint_path}: it was written with other CDC "
-                f"settings ({changed}); delete it or train into another --out"
-            )
+    state = load_stage(checkpoint_path, stage, device) if resume and checkpoint_path else None
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        history = state["history"]
-        history.setdefault("seconds", [])  # checkpoints written before 2026-11-25
-        start_epoch = int(state["epoch"])
+        history, start_epoch = state["history"], int(state["epoch"])
 
     images = data.images.to(device)
-    select_head, cal_head = _heads(model, cfg)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
-    n_batches = n // B
-
     for epoch in range(start_epoch, cfg.epochs):
-        generator = epoch_generator(seed, epoch, device)
-        order = torch.randperm(n, generator=generator, device=device)
-        model.train()
         started = time.perf_counter()
-        sums = {key: 0.0 for key in _BATCH_STATS}
-        bar = tqdm(
-            range(n_batches),
-            desc=f"CDC {epoch + 1}/{cfg.epochs}",
-            disable=None if progress else True,
-            file=sys.stderr,
-            leave=False,
-        )
-        for b in bar:
-            x = images[order[b * B : (b + 1) * B]]
-            stats = _train_batch(
-                model, x, augmenter, cfg, C, select_head, cal_head, optimizer, generator, autocast
-            )
-            for key, value in stats.items():
-                sums[key] += value
-            bar.set_postfix(
-                clu=f"{stats['loss_clu']:.3f}",
-                cal=f"{stats['loss_cal']:.3f}",
-                sel=f"{100 * stats['selected']:.0f}%",
-            )
-        bar.close()
+        means = _train_epoch(model, images, augmenter, cfg, data.num_classes, optimizer,
+                             epoch_generator(seed, epoch, device), autocast, epoch, progress)  # fmt: skip
         for key in _BATCH_STATS:
-            history[key].append(sums[key] / max(n_batches, 1))
+            history[key].append(means[key])
         history["seconds"].append(round(time.perf_counter() - started, 3))
         if progress:
             tqdm.write(
@@ -266,21 +227,48 @@ def train_cdc(
                 file=sys.stderr,
             )
         if checkpoint_path is not None:
-            save_training_state(
-                checkpoint_path,
-                {
-                    "epoch": epoch + 1,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "history": history,
-                    "config": _resume_keys(cfg),
-                },
-            )
+            save_stage(checkpoint_path, stage, epoch + 1, model=model.state_dict(),
+                       optimizer=optimizer.state_dict(), history=history)  # fmt: skip
 
     if cfg.heads != "dual":  # single head: both outputs are that head
         model.cal_head.load_state_dict(model.clu_head.state_dict())
     model.eval()
     return history
+
+
+def _train_epoch(
+    model, images, augmenter, cfg: CDCConfig, num_classes, optimizer, generator, autocast,
+    epoch: int, progress: bool,
+) -> dict[str, float]:  # fmt: skip
+    """One epoch: the batches of a random order of ``images``; the means of their figures."""
+    B = cfg.batch_size
+    n_batches = len(images) // B
+    order = torch.randperm(len(images), generator=generator, device=images.device)
+    select_head, cal_head = _heads(model, cfg)
+    model.train()
+    sums = {key: 0.0 for key in _BATCH_STATS}
+    bar = tqdm(
+        range(n_batches),
+        desc=f"CDC {epoch + 1}/{cfg.epochs}",
+        disable=None if progress else True,
+        file=sys.stderr,
+        leave=False,
+    )
+    for b in bar:
+        x = images[order[b * B : (b + 1) * B]]
+        stats = _train_batch(
+            model, x, augmenter, cfg, num_classes, select_head, cal_head, optimizer, generator,
+            autocast,
+        )  # fmt: skip
+        for key, value in stats.items():
+            sums[key] += value
+        bar.set_postfix(
+            clu=f"{stats['loss_clu']:.3f}",
+            cal=f"{stats['loss_cal']:.3f}",
+            sel=f"{100 * stats['selected']:.0f}%",
+        )
+    bar.close()
+    return {key: sums[key] / max(n_batches, 1) for key in _BATCH_STATS}
 
 
 _BATCH_STATS = ("loss_clu", "loss_cal", "loss_en", "selected")  # what _train_batch returns

@@ -6,6 +6,18 @@ pickles that would run code. ``load_model`` turns every way a file can be wrong 
 :class:`cdc_serve.CDCError` naming the problem: missing, truncated or not a torch file,
 a crafted pickle, another format or version, a class count that disagrees with the
 weights, missing or unexpected weights.
+
+Resume, one scheme for every stage (MoCo-v2, the head init, CDC, RUC):
+
+- a stage's *fingerprint* (:func:`fingerprint`) is a flat dict of everything that must
+  be equal for a checkpoint to belong to the same run: the stage's settings, the seed,
+  the number of images and the process count; the epoch count is left out, so a run
+  may be resumed with more epochs;
+- :func:`save_stage` writes ``{format, fingerprint, epoch, state...}`` atomically after
+  every epoch (or once, for a stage's final result such as ``backbone.pt``);
+- :func:`load_stage` returns ``None`` where no checkpoint exists, and otherwise either
+  the saved state or the one :class:`cdc_serve.CDCError` that names every setting that
+  changed (``seed 0 -> 1``), with what to do.
 """
 
 from __future__ import annotations
@@ -14,6 +26,7 @@ import os
 import pickle
 import tempfile
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -69,15 +82,129 @@ def safe_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
         ) from None
 
 
-def save_training_state(path: str | os.PathLike, state: dict) -> Path:
-    """A stage's resumable state (model, optimiser, epoch, history)."""
-    return atomic_save(state, path)
+# ----------------------------------------------------------------------------------------------
+# Resume: fingerprint + epochs done, for every stage
+# ----------------------------------------------------------------------------------------------
+
+STAGE_FORMAT = "cdc-serve/stage-checkpoint"
+STAGE_FORMAT_VERSION = 1
 
 
-def load_training_state(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
-    state = safe_load(path, map_location)
-    if not isinstance(state, dict) or "epoch" not in state:
-        raise CDCError(f"{path} is not a cdc-serve training checkpoint")
+def _plain(value: Any) -> Any:
+    """JSON-like value for comparison: tuples become lists, numbers stay numbers."""
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _flatten(settings: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in settings.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = _plain(value)
+    return flat
+
+
+def fingerprint(
+    stage: str,
+    settings: Mapping[str, Any],
+    *,
+    seed: int,
+    n_images: int,
+    world_size: int = 1,
+    ignore: tuple[str, ...] = ("epochs",),
+) -> dict[str, Any]:
+    """What must match for a checkpoint of ``stage`` to be resumed (flat, JSON-like).
+
+    ``settings`` is the stage's configuration (a dataclass's ``asdict`` or any mapping,
+    nested mappings are flattened to dotted names); the keys in ``ignore`` (the epoch
+    count, by default) may change between runs.
+    """
+    flat = {k: v for k, v in _flatten(settings).items() if k.split(".")[-1] not in ignore}
+    return {
+        "stage": stage,
+        "seed": int(seed),
+        "n_images": int(n_images),
+        "world_size": int(world_size),
+        **flat,
+    }
+
+
+def changed_settings(saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
+    """``["seed 0 -> 1", ...]``: every key whose value differs (missing keys count)."""
+    missing = object()
+    return [
+        f"{key} {saved.get(key, missing)!r} -> {wanted.get(key, missing)!r}".replace(
+            repr(missing), "(unset)"
+        )
+        for key in sorted(set(saved) | set(wanted))
+        if saved.get(key, missing) != wanted.get(key, missing)
+    ]
+
+
+def save_stage(
+    path: str | os.PathLike, fingerprint: Mapping[str, Any], epoch: int, **state
+) -> Path:
+    """A stage's resumable state after ``epoch`` epochs (model, optimiser, RNG, history...)."""
+    payload = {
+        "format": STAGE_FORMAT,
+        "format_version": STAGE_FORMAT_VERSION,
+        "fingerprint": dict(fingerprint),
+        "epoch": int(epoch),
+        **state,
+    }
+    return atomic_save(payload, path)
+
+
+# How error messages name each stage's checkpoint.
+STAGE_NAMES = {
+    "moco": "MoCo",
+    "backbone": "backbone",
+    "init": "head-init",
+    "cdc": "CDC",
+    "ruc": "RUC",
+}
+
+
+def load_stage(
+    path: str | os.PathLike, fingerprint: Mapping[str, Any], map_location: Any = "cpu"
+) -> dict | None:
+    """The state saved by :func:`save_stage`, ``None`` if ``path`` does not exist.
+
+    Raises the one CDCError naming what changed when the checkpoint belongs to another
+    run (other settings, seed, number of images or processes), and a clear CDCError for
+    a file that is not a readable stage checkpoint of this version.
+    """
+    path = Path(path)
+    if not path.exists():
+        return None
+    what = STAGE_NAMES.get(fingerprint["stage"], fingerprint["stage"])
+    try:
+        state = safe_load(path, map_location)
+    except CDCError as exc:
+        raise CDCError(f"{path}: not a readable {what} checkpoint ({exc})") from None
+    if not isinstance(state, dict) or state.get("format") != STAGE_FORMAT:
+        raise CDCError(
+            f"{path}: not a readable {what} checkpoint (another format, or written by an "
+            "older cdc-serve); delete it or train into another --out"
+        )
+    if state.get("format_version") != STAGE_FORMAT_VERSION:
+        raise CDCError(
+            f"{path} has checkpoint version {state.get('format_version')!r}; this cdc-serve "
+            f"reads version {STAGE_FORMAT_VERSION}: delete it or train into another --out"
+        )
+    changed = changed_settings(state.get("fingerprint") or {}, dict(fingerprint))
+    if changed:
+        raise CDCError(
+            f"cannot resume from {path}: it was written with other {what} settings "
+            f"({', '.join(changed)}); delete it or train into another --out "
+            "(or resume with the same settings)"
+        )
     return state
 
 

@@ -1,32 +1,78 @@
-"""Training configuration: dataclasses, the ``quick`` and ``paper`` presets, and the ablations.
+"""Every setting of a training run, as typed dataclasses, in one place.
 
-``make_config(...)`` is what ``cdc-serve train`` calls. It starts from a preset, applies
-the command-line overrides and one of the paper's Table 2 ablations, and validates
-everything it can before any data is read (``B % B_s == 0``, ``K <= B``, known names),
-raising :class:`cdc_serve.CDCError` with a message naming the problem.
+The presets (``quick``, ``paper``), the paper's Table 2 ablations and ``make_config``,
+which builds the configuration of ``cdc-serve train`` from them, are in ``presets.py``.
+One validation style throughout: every section has a ``validate()`` method that raises
+:class:`cdc_serve.CDCError` naming the setting and what to do;
+:func:`validate_against_data` adds the checks that need the data's size and class count.
 
-Presets
-- ``quick``: the small CNN on a 2-core CPU. The whole pipeline (MoCo-v2 pretraining,
-  K-means baseline, prototype init, CDC, evaluation) on all 70,000 Fashion-MNIST images
-  runs in well under 10 minutes; the settings were tuned on that data (docs/BENCHMARKS.md).
-- ``paper``: ResNet-34 and the reference settings (App. B.1 and reference-facts.md):
-  MoCo-v2 1000 epochs, CDC 100 epochs, ``B = 1000``, ``B_s = 500``, ``K = 500``, Adam
-  1e-4 (heads) / 5e-5 (encoder). Meant for a GPU.
+Sections (each stage reads its own):
+
+- :class:`DataConfig`    which images (``data.py``)
+- :class:`ModelConfig`   the backbone and the heads' hidden size H, the one place for both
+- :class:`AugmentConfig` the views (``augment.Augmenter``'s keyword arguments)
+- :class:`MocoConfig`    MoCo-v2 pretraining (``moco.py``)
+- :class:`InitConfig`    the heads' initialisation: ``head_init`` prototype | random (``init.py``)
+- :class:`CDCConfig`     Algorithm 1 (``cdc.py``)
+- :class:`RUCConfig`     RUC (``ruc/``), where the pseudo-labels come from is ``labels_from``
+- :class:`TrainConfig`   all of the above, plus seed, device and output folder
+
+The choices (presets, methods, backbones, ...) are ``str`` Enums shared with the CLI, so
+``--help`` lists them and a wrong value is refused before any work starts. The dataclass
+fields hold the plain string values, so ``to_dict()`` stays JSON- and
+``weights_only``-safe.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 from dataclasses import dataclass, field
 from typing import Any
 
 from cdc_serve import CDCError
-from cdc_serve_training.moco import QUICK_MOCO, MocoConfig
+from cdc_serve.choices import Backbone, Method, Preset, Split, values
 
-PRESETS = ("quick", "paper")
-METHODS = ("cdc", "ruc")
-SPLITS = ("train", "test", "all")
-BACKBONE_NAMES = ("smallcnn", "resnet18", "resnet34")
+# ----------------------------------------------------------------------------------------------
+# Choices (the CLI-facing ones live in cdc_serve.choices)
+# ----------------------------------------------------------------------------------------------
+
+
+class HeadInit(str, enum.Enum):
+    prototype = "prototype"
+    random = "random"
+
+
+class Selection(str, enum.Enum):
+    dynamic = "dynamic"  # Eq. 4
+    fixed = "fixed"  # Table 2-II
+
+
+class LabelBy(str, enum.Enum):
+    argmax = "argmax"
+    column = "column"
+
+
+class Heads(str, enum.Enum):
+    dual = "dual"
+    clu = "clu"  # Table 2-III
+    clu_cal = "clu+cal"  # Table 2-IV
+
+
+PRESETS = values(Preset)
+METHODS = values(Method)
+SPLITS = values(Split)
+BACKBONE_NAMES = values(Backbone)
+
+
+def check_choice(value: str, choices: type[enum.Enum], what: str) -> None:
+    if value not in values(choices):
+        raise CDCError(f"unknown {what} {value!r}; use one of {', '.join(values(choices))}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Sections
+# ----------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -39,17 +85,117 @@ class DataConfig:
     limit: int | None = None
     download: bool = False
 
+    def validate(self) -> None:
+        from cdc_serve_training.data import dataset_names, parse_class_filter
+
+        if self.split not in SPLITS:
+            raise CDCError(f"unknown split {self.split!r}; use train, test or all")
+        if self.limit is not None and self.limit < 1:
+            raise CDCError(f"--limit must be a positive number of images, got {self.limit}")
+        base = parse_class_filter(self.name)[0]  # "fashion-mnist[0-7]": fashion-mnist, 8 classes
+        folder = base.startswith("imagefolder:") and len(base) > len("imagefolder:")
+        if base not in dataset_names() and not folder:
+            raise CDCError(f"unknown dataset {self.name!r}; known: {', '.join(dataset_names())}")
+
+
+@dataclass
+class ModelConfig:
+    """The network: backbone architecture and the heads' hidden size H (CDC and RUC alike)."""
+
+    backbone: str = "resnet34"
+    hidden: int = 512  # H: Linear(D, H) -> BN -> ReLU -> Linear(H, C) in every head
+
+    def validate(self) -> None:
+        check_choice(self.backbone, Backbone, "backbone")
+        if self.hidden < 1:
+            raise CDCError(f"the hidden size must be positive, got {self.hidden}")
+
+
+@dataclass
+class AugmentConfig:
+    """The views of ``augment.Augmenter`` (its keyword arguments, with its defaults)."""
+
+    crop_scale: tuple[float, float] = (0.2, 1.0)  # strong and MoCo views' crop area range
+    weak_crop_scale: tuple[float, float] = (0.5, 1.0)
+    cutout: int | None = None  # None: half the image side (16 px for 32-px images)
+    strong_ops: int = 4  # RandAugment-style operations per strong view
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)
+    jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    blur: bool | None = None  # None: only for images larger than 32 px
+
+    def validate(self) -> None:
+        for name in ("crop_scale", "weak_crop_scale"):
+            low, high = getattr(self, name)
+            if not 0 < low <= high <= 1:
+                raise CDCError(f"augment {name} must satisfy 0 < low <= high <= 1")
+        if self.strong_ops < 0 or (self.cutout is not None and self.cutout < 0):
+            raise CDCError("augment strong_ops and cutout must be >= 0")
+
+    def options(self) -> dict[str, Any]:
+        """``Augmenter`` keyword arguments (tuples, also after a JSON round trip)."""
+        return {
+            k: tuple(v) if isinstance(v, list) else v for k, v in dataclasses.asdict(self).items()
+        }
+
+
+@dataclass
+class MocoConfig:
+    """MoCo-v2 settings; the defaults are the CDC paper's (App. B.1)."""
+
+    epochs: int = 1000
+    batch_size: int = 256
+    lr: float = 0.5  # base learning rate, scaled by batch_size / 256
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    temperature: float = 0.2
+    queue_size: int = 32768
+    key_momentum: float = 0.99
+    proj_hidden: int = 4096
+    proj_dim: int = 256
+    warmup_epochs: float = 50
+    symmetric: bool = False
+    shuffle_bn_splits: int = 4
+    # Area range of the views' RandomResizedCrop; None keeps the Augmenter's (0.2, 1.0).
+    crop_scale: tuple[float, float] | None = None
+
+    def validate(self, n_images: int | None = None) -> None:
+        """CDCError for settings that cannot train (on ``n_images`` images, when given)."""
+        if self.epochs < 0:
+            raise CDCError(f"MoCo epochs must be >= 0, got {self.epochs}")
+        if self.batch_size < 2:
+            raise CDCError(f"MoCo batch size must be at least 2, got {self.batch_size}")
+        if n_images is not None and n_images < self.batch_size:
+            raise CDCError(
+                f"MoCo batch size {self.batch_size} is larger than the {n_images} images"
+            )
+        if self.queue_size < 1 or self.temperature <= 0 or self.lr <= 0:
+            raise CDCError("MoCo needs queue_size >= 1, temperature > 0 and lr > 0")
+        if not 0 <= self.key_momentum <= 1:
+            raise CDCError(f"MoCo key momentum must lie in [0, 1], got {self.key_momentum}")
+        if self.shuffle_bn_splits < 1 or self.batch_size < self.shuffle_bn_splits:
+            raise CDCError("MoCo shuffle_bn_splits must be between 1 and the batch size")
+        if self.crop_scale is not None and not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise CDCError(
+                f"MoCo crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}"
+            )
+
 
 @dataclass
 class InitConfig:
-    """Prototype initialisation of the heads (paper Sec. 3.3; init.py)."""
+    """Initialisation of the heads (paper Sec. 3.3; init.py)."""
 
-    hidden: int = 512  # H, the heads' hidden size
+    head_init: str = "prototype"  # "prototype" (Sec. 3.3) | "random" (Table 2-I ablation)
     ortho_steps: int = 2000  # "orthogonalisation" refinement steps per weight matrix
     ortho_lr: float = 0.1
     kmeans_iters: int = 100
     max_samples: int | None = None  # K-means of the init on a random subset (CPU shortcut)
     kmeans_restarts: int = 1  # K-means runs per prototype set; the lowest inertia is kept
+
+    def validate(self) -> None:
+        check_choice(self.head_init, HeadInit, "head initialisation")
+        if self.ortho_steps < 0 or self.kmeans_iters < 1 or self.kmeans_restarts < 1:
+            raise CDCError("init needs ortho_steps >= 0, kmeans_iters >= 1, kmeans_restarts >= 1")
 
 
 @dataclass
@@ -67,11 +213,35 @@ class CDCConfig:
     kmeans_iters: int = 20  # Lloyd iterations of the per-batch K-means
     label_by: str = "argmax"  # Eq. 4 pseudo-label: "argmax" (paper) | "column" (see cdc.py)
     # ablations (paper Table 2)
-    init: str = "prototype"  # "prototype" | "random"
     selection: str = "dynamic"  # "dynamic" (Eq. 4) | "fixed"
     fixed_threshold: float = 0.99
     heads: str = "dual"  # "dual" | "clu" | "clu+cal"
     stop_gradient: bool = True
+
+    def validate(self) -> None:
+        if self.epochs < 0:
+            raise CDCError("epochs must be >= 0")
+        if self.batch_size < 1 or self.sub_batch_size < 1:
+            raise CDCError(
+                f"batch sizes must be positive (B={self.batch_size}, B_s={self.sub_batch_size})"
+            )
+        if self.batch_size % self.sub_batch_size != 0:
+            raise CDCError(
+                f"the batch size B={self.batch_size} is not divisible by the sub-batch size "
+                f"B_s={self.sub_batch_size}"
+            )
+        if not 1 <= self.mini_clusters <= self.batch_size:
+            raise CDCError(
+                f"the number of mini-clusters K={self.mini_clusters} must be between 1 and the "
+                f"batch size B={self.batch_size}"
+            )
+        check_choice(self.selection, Selection, "selection")
+        if not 0.0 < self.fixed_threshold <= 1.0:
+            raise CDCError(f"the fixed threshold must be in (0, 1], got {self.fixed_threshold}")
+        check_choice(self.label_by, LabelBy, "pseudo-label rule")
+        check_choice(self.heads, Heads, "head setting")
+        if self.lr_heads <= 0 or self.lr_encoder < 0:
+            raise CDCError("learning rates must be positive")
 
 
 @dataclass
@@ -79,112 +249,39 @@ class TrainConfig:
     """Everything ``pipeline.train`` needs; ``to_dict()`` is stored in model.pth."""
 
     data: DataConfig
-    backbone: str
+    model: ModelConfig
     moco: MocoConfig
     init: InitConfig
     cdc: CDCConfig
     out: str
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     preset: str = "quick"
     method: str = "cdc"
-    ruc: Any = None  # ruc.RUCConfig when method == "ruc"
-    init_from: str | None = None  # RUC: "kmeans", a CDC model.pth or a labels .npy/.csv
+    ruc: RUCConfig | None = None  # method == "ruc"
+    labels_from: str | None = None  # RUC: "kmeans", a CDC model.pth or a labels .npy/.csv
     ablation: str | None = None
     device: str = "auto"
     seed: int = 0
     amp: bool = True  # bf16 autocast, on CUDA only
     eval_batch_size: int = 1024
     progress: bool = True
-    augment: dict = field(default_factory=dict)  # keyword arguments of augment.Augmenter
     pretrain_limit: int | None = None  # MoCo on a seeded random subset of this many images
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-
-# ----------------------------------------------------------------------------------------------
-# Ablations (paper Table 2): name -> changes to CDCConfig
-# ----------------------------------------------------------------------------------------------
-
-ABLATIONS: dict[str, dict[str, Any]] = {
-    "random-init": {"init": "random"},  # Table 2-I "w/o Init. + CDC"
-    "fixed-0.99": {"selection": "fixed", "fixed_threshold": 0.99},  # Table 2-II
-    "fixed-0.95": {"selection": "fixed", "fixed_threshold": 0.95},
-    "fixed-0.9": {"selection": "fixed", "fixed_threshold": 0.90},
-    "fixed-0.8": {"selection": "fixed", "fixed_threshold": 0.80},
-    "single-head-clu": {"heads": "clu"},  # Table 2-III
-    "single-head-clu+cal": {"heads": "clu+cal"},  # Table 2-IV
-    "no-stop-gradient": {"stop_gradient": False},  # Table 2-V
-}
-
-
-# ----------------------------------------------------------------------------------------------
-# Presets
-# ----------------------------------------------------------------------------------------------
-
-
-def _quick_preset() -> dict[str, Any]:
-    """Small CNN, few epochs: the whole pipeline on 70,000 28x28 images in < 10 min on 2 cores.
-
-    Tuned on Fashion-MNIST (all 70,000 images; 320 s on an idle 2-core machine); every
-    knob trades accuracy for CPU time:
-
-    - MoCo-v2 for 8 epochs with a small projector and queue (``moco.QUICK_MOCO``);
-    - CDC for 4 epochs with larger learning rates than the paper's 100-epoch schedule
-      (Adam 1e-3 heads / 3e-4 encoder; 5e-4 / 1e-4 gained less in the same time);
-    - a milder strong view (2 RandAugment ops, 8-px Cutout, 40-100 % crops): with the
-      paper's 4 ops, half-side Cutout and 20-100 % crops the few CDC steps fitted the
-      pseudo-labels poorly on 28-px images;
-    - coarse mini-clusters, ``K = 10`` per ``B = 1,000`` images (about 100 images each),
-      and ``w_en = 4``: the calibration target of Eq. 1 averages the clustering head over a
-      larger neighbourhood, which is what brings the calibration head's confidence down to
-      its accuracy after so short a schedule (K = 20: ECE 8.8-11 %); against ``w_en = 2``
-      the stronger entropy term lowered ECE in 6 of 9 paired runs (by 0.6 points on
-      average, 1 point on the default command) at the same ACC, and raised it by 1-1.5
-      points in the other 3;
-    - ``label_by="column"`` (see :func:`cdc.select_pseudo_labels`): with coarse
-      mini-clusters the calibration head is less confident and, labelled by argmax, a
-      cluster could lose every pseudo-label and die (ACC then fell below K-means);
-    - no orthogonalisation step (it cost ~2 points of ACC right after the init here);
-      the init's K-means on a 20,000-image subset.
-
-    Measured (seed 0, docs/BENCHMARKS.md): CDC-Cal ACC 64.3 % vs 51.7 % for K-means on
-    the same backbone, ECE 3.0 % vs 19.3 % for the clustering head. The seed decides
-    the accuracy: of nine runs (three seeds, with and without restarts of the init's
-    K-means, and before and after the channels-last step), five stop at ACC 55-56 % (two
-    look-alike clusters merged early do not split again in 4 epochs), with ECE 2.8-5.9 %
-    over all nine.
-    """
-    moco = dataclasses.replace(QUICK_MOCO)  # a copy: configs are mutable
-    init = InitConfig(hidden=128, ortho_steps=0, ortho_lr=0.1, kmeans_iters=50, max_samples=20000)
-    cdc = CDCConfig(
-        epochs=4,
-        batch_size=1000,
-        sub_batch_size=500,
-        mini_clusters=10,
-        lr_heads=1e-3,
-        lr_encoder=3e-4,
-        w_en=4.0,
-        kmeans_iters=10,
-        label_by="column",
-    )
-    augment = {"strong_ops": 2, "cutout": 8, "crop_scale": (0.4, 1.0)}
-    return {"backbone": "smallcnn", "moco": moco, "init": init, "cdc": cdc,
-            "augment": augment, "pretrain_limit": None}  # fmt: skip
-
-
-def _paper_preset() -> dict[str, Any]:
-    """The paper's settings (App. B.1, reference-facts.md) with ResNet-34."""
-    return {"backbone": "resnet34", "moco": MocoConfig(), "init": InitConfig(), "cdc": CDCConfig()}
-
-
-_PRESETS = {"quick": _quick_preset, "paper": _paper_preset}
-
-
-def _known_dataset(name: str) -> bool:
-    from cdc_serve_training.data import DATASETS, parse_class_filter
-
-    name = parse_class_filter(name)[0]  # "fashion-mnist[0-7]" is fashion-mnist, 8 classes
-    return name in DATASETS or (name.startswith("imagefolder:") and len(name) > len("imagefolder:"))
+    def validate(self) -> TrainConfig:
+        """Check every section (no data needed); CDCError naming the problem otherwise."""
+        for section in (self.data, self.model, self.augment, self.init, self.cdc):
+            section.validate()
+        self.moco.validate()
+        check_choice(self.method, Method, "method")
+        if self.method == "ruc":
+            (self.ruc or RUCConfig()).validate()
+        elif self.labels_from is not None:
+            raise CDCError("--labels-from is for --method ruc only")
+        _check_device(self.device)
+        return self
 
 
 def _check_device(device: str) -> None:
@@ -202,52 +299,8 @@ def _check_device(device: str) -> None:
 
 
 def validate(config: TrainConfig) -> TrainConfig:
-    """Check the settings that do not need the data; CDCError naming the problem otherwise."""
-    c = config.cdc
-    if c.epochs < 0 or config.moco.epochs < 0:
-        raise CDCError("epochs must be >= 0")
-    if c.batch_size < 1 or c.sub_batch_size < 1:
-        raise CDCError(f"batch sizes must be positive (B={c.batch_size}, B_s={c.sub_batch_size})")
-    if c.batch_size % c.sub_batch_size != 0:
-        raise CDCError(
-            f"the batch size B={c.batch_size} is not divisible by the sub-batch size "
-            f"B_s={c.sub_batch_size}"
-        )
-    if not 1 <= c.mini_clusters <= c.batch_size:
-        raise CDCError(
-            f"the number of mini-clusters K={c.mini_clusters} must be between 1 and the "
-            f"batch size B={c.batch_size}"
-        )
-    if c.init not in ("prototype", "random"):
-        raise CDCError(f"unknown head initialisation {c.init!r}; use prototype or random")
-    if c.selection not in ("dynamic", "fixed"):
-        raise CDCError(f"unknown selection {c.selection!r}; use dynamic or fixed")
-    if not 0.0 < c.fixed_threshold <= 1.0:
-        raise CDCError(f"the fixed threshold must be in (0, 1], got {c.fixed_threshold}")
-    if c.label_by not in ("argmax", "column"):
-        raise CDCError(f"unknown pseudo-label rule {c.label_by!r}; use argmax or column")
-    if c.heads not in ("dual", "clu", "clu+cal"):
-        raise CDCError(f"unknown head setting {c.heads!r}; use dual, clu or clu+cal")
-    if c.lr_heads <= 0 or c.lr_encoder < 0:
-        raise CDCError("learning rates must be positive")
-    if config.init.hidden < 1:
-        raise CDCError(f"the hidden size must be positive, got {config.init.hidden}")
-    if config.backbone not in BACKBONE_NAMES:
-        raise CDCError(
-            f"unknown backbone {config.backbone!r}; use one of {', '.join(BACKBONE_NAMES)}"
-        )
-    if config.method not in METHODS:
-        raise CDCError(f"unknown method {config.method!r}; use cdc or ruc")
-    if config.data.split not in SPLITS:
-        raise CDCError(f"unknown split {config.data.split!r}; use train, test or all")
-    if config.data.limit is not None and config.data.limit < 1:
-        raise CDCError(f"--limit must be a positive number of images, got {config.data.limit}")
-    if not _known_dataset(config.data.name):
-        from cdc_serve_training.data import dataset_names
-
-        raise CDCError(f"unknown dataset {config.data.name!r}; known: {', '.join(dataset_names())}")
-    _check_device(config.device)
-    return config
+    """``config.validate()``: every check that does not need the data."""
+    return config.validate()
 
 
 def validate_against_data(config: TrainConfig, n: int, num_classes: int) -> None:
@@ -272,92 +325,104 @@ def validate_against_data(config: TrainConfig, n: int, num_classes: int) -> None
                 f"{num_classes} clusters do not fit in a CDC batch of B={config.cdc.batch_size} "
                 "images (Eq. 4 takes floor(B / C) samples per class)"
             )
-    if config.init.hidden < num_classes and config.cdc.init == "prototype":
+    if config.model.hidden < num_classes and config.init.head_init == "prototype":
         raise CDCError(
-            f"the hidden size {config.init.hidden} is smaller than the {num_classes} classes"
+            f"the hidden size {config.model.hidden} is smaller than the {num_classes} classes"
         )
 
 
-def _scale_for_limit(cdc: CDCConfig, limit: int) -> None:
-    """Small --limit runs: shrink B (and B_s, K with it) so that a few batches fit."""
-    while cdc.batch_size > limit // 2 and cdc.batch_size % 2 == 0 and cdc.sub_batch_size % 2 == 0:
-        cdc.batch_size //= 2
-        cdc.sub_batch_size //= 2
-        cdc.mini_clusters = max(1, cdc.mini_clusters // 2)
-
-
-def make_config(
-    *,
-    preset: str,
-    dataset: str,
-    out: str,
-    method: str = "cdc",
-    init_from: str | None = None,
-    data_root: str | None = None,
-    split: str = "all",
-    backbone: str | None = None,
-    epochs: int | None = None,
-    pretrain_epochs: int | None = None,
-    ablation: str | None = None,
-    device: str = "auto",
-    seed: int = 0,
-    limit: int | None = None,
-    download: bool = False,
-) -> TrainConfig:
-    """The configuration of one training run (what ``cdc-serve train`` builds); validated."""
-    if preset not in _PRESETS:
-        raise CDCError(f"unknown preset {preset!r}; use one of {', '.join(PRESETS)}")
-    settings = _PRESETS[preset]()
-    moco, init, cdc = settings["moco"], settings["init"], settings["cdc"]
-    if ablation is not None:
-        if ablation not in ABLATIONS:
-            raise CDCError(f"unknown ablation {ablation!r}; use one of {', '.join(ABLATIONS)}")
-        cdc = dataclasses.replace(cdc, **ABLATIONS[ablation])
-    if limit is not None and limit >= 1:
-        _scale_for_limit(cdc, limit)
-    if pretrain_epochs is not None:
-        moco.epochs = pretrain_epochs
-
-    ruc = None
-    if method == "ruc":
-        from cdc_serve_training.ruc import QUICK_RUC, RUCConfig
-
-        ruc = dataclasses.replace(QUICK_RUC) if preset == "quick" else RUCConfig()
-        if epochs is not None:
-            ruc.epochs = epochs
-    elif epochs is not None:
-        cdc.epochs = epochs
-    if init_from is not None and method != "ruc":
-        raise CDCError("--init-from is for --method ruc only")
-
-    config = TrainConfig(
-        data=DataConfig(name=dataset, root=data_root, split=split, limit=limit, download=download),
-        backbone=backbone or settings["backbone"],
-        moco=moco,
-        init=init,
-        cdc=cdc,
-        out=str(out),
-        preset=preset,
-        method=method,
-        ruc=ruc,
-        init_from=init_from,
-        ablation=ablation,
-        device=device,
-        seed=seed,
-        augment=dict(settings.get("augment", {})),
-        pretrain_limit=settings.get("pretrain_limit"),
-    )
-    return validate(config)
-
-
 __all__ = [
-    "ABLATIONS",
     "PRESETS",
+    "AugmentConfig",
     "CDCConfig",
     "DataConfig",
     "InitConfig",
+    "ModelConfig",
+    "MocoConfig",
     "TrainConfig",
-    "make_config",
     "validate",
     "validate_against_data",
 ]
+
+
+# ----------------------------------------------------------------------------------------------
+# RUC (ruc/)
+# ----------------------------------------------------------------------------------------------
+
+
+class RUCStrategy(str, enum.Enum):
+    """How RUC chooses its clean set (paper Sec. 3.1; ``ruc.clean_set.select_clean``)."""
+
+    confidence = "confidence"  # the clustering's confidence max(y) >= tau_1
+    metric = "metric"  # the kNN vote on the embedding agrees with the pseudo-label
+    hybrid = "hybrid"  # both
+
+
+@dataclass
+class RUCConfig:
+    """RUC hyper-parameters; defaults are the paper's (Sec. 4.1, App. A.2) for CIFAR-10.
+
+    ``steps_per_epoch`` None means one pass over the clean set per epoch (batches of
+    ``batch_size`` clean plus ``batch_size`` unclean samples); a number caps it (CPU runs).
+    The heads' width is the run's one hidden size (``ModelConfig.hidden``) and the
+    inference batch the run's ``eval_batch_size``: ``train_ruc`` takes both explicitly.
+    """
+
+    epochs: int = 200
+    batch_size: int = 200  # 200 for CIFAR-10/20, 100 for STL-10
+    steps_per_epoch: int | None = None
+    lr: float = 0.01  # SGD, cosine annealing to 0
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lambda_u: float = 25.0  # 25 / 50 / 100 for CIFAR-10 / STL-10 / CIFAR-20
+    rampup_epochs: float = 16.0  # linear ramp of lambda_u (MixMatch/DivideMix practice)
+    epsilon: float = 0.5  # label smoothing, Eq. 8
+    temperature: float = 0.5  # sharpening T
+    alpha: float = 4.0  # Beta(alpha, alpha) of MixMatch
+    num_views: int = 2  # M weak views for label guessing
+    tau1: float = 0.99  # confidence strategy: keep max(y) >= tau1 ...
+    clean_fraction: float | None = None  # ... or, if set, the most confident share per class
+    k: int = 100  # metric strategy
+    strategy: str = "hybrid"  # an RUCStrategy value
+    tau2_start: float = 0.9  # refurbishing threshold schedule: start ...
+    tau2_step: float = 0.02  # ... + step ...
+    tau2_every: float = 0.2  # ... every this fraction of training (40 of 200 epochs)
+    refurbish_max: int | None = None  # score at most this many unclean samples per epoch
+
+    def validate(self) -> RUCConfig:
+        """Raise CDCError on impossible values; returns self."""
+        check_choice(self.strategy, RUCStrategy, "RUC strategy")
+        if self.epochs < 1 or self.batch_size < 2:
+            raise CDCError("RUC needs epochs >= 1 and batch_size >= 2")
+        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
+            raise CDCError("RUC steps_per_epoch must be >= 1 (or None for a full pass)")
+        if not 0.0 <= self.epsilon < 1.0 or self.temperature <= 0 or self.alpha <= 0:
+            raise CDCError("RUC needs 0 <= epsilon < 1, temperature > 0 and alpha > 0")
+        if self.k < 1 or self.num_views < 1:
+            raise CDCError("RUC needs k >= 1 and num_views >= 1")
+        return self
+
+    @classmethod
+    def from_dict(cls, values: dict | RUCConfig | None) -> RUCConfig:
+        """Build from a plain dict (a TrainConfig's ``ruc`` field); unknown keys -> CDCError."""
+        if values is None:
+            return cls()
+        if isinstance(values, RUCConfig):
+            return values
+        unknown = set(values) - set(cls.__dataclass_fields__)
+        if unknown:
+            moved = unknown & {"hidden_dim", "eval_batch_size"}
+            hint = (
+                f"; {' and '.join(sorted(moved))} are no RUC settings any more: the run's "
+                "model.hidden and eval_batch_size apply to RUC too"
+                if moved
+                else ""
+            )
+            raise CDCError(f"unknown RUC settings: {sorted(unknown)}{hint}")
+        return cls(**values).validate()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+__all__ += ["RUCConfig", "RUCStrategy"]

@@ -1,8 +1,13 @@
 """Features and probabilities of a model over a data set, the K-means baseline, and metrics.json.
 
 The metrics themselves (ACC after Hungarian matching, NMI, ARI, ECE with 15 bins,
-AUROC / AURC / FPR95 of failure rejection) come from :mod:`cdc_serve.metrics`, shared
-with ``cdc-serve evaluate``; this module only gathers the inputs.
+AUROC / AURC / FPR95 of failure rejection) and the shape of ``metrics.json`` come from
+:mod:`cdc_serve.metrics`, shared with ``cdc-serve evaluate``; this module only gathers
+the inputs.
+
+:func:`normalize_images` is the torch twin of :func:`cdc_serve.preprocess.normalise_with`
+(``(x / 255 - mean[c]) / std[c]``), the model's input on training's device;
+``tests/serving/test_preprocess.py`` checks that the two agree.
 
 The K-means baseline is the paper's "MoCo-v2 + K-means" row: K-means (k-means++ init;
 optionally the best of a few restarts by inertia) on the L2-normalised backbone features. K-means
@@ -17,10 +22,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cdc_serve.metrics import HEAD_KEYS, KMEANS_KEYS, metrics_document
 from cdc_serve_training.kmeans import kmeans
 
-KMEANS_KEYS = ("acc", "nmi", "ari", "ece")
-HEAD_KEYS = ("acc", "nmi", "ari", "ece", "auroc", "aurc", "fpr95")
+__all__ = [
+    "HEAD_KEYS",
+    "KMEANS_KEYS",
+    "backbone_features",
+    "head_metrics",
+    "infer",
+    "infer_images",
+    "kmeans_baseline",
+    "kmeans_clustering",
+    "metrics_json",
+    "normalize_images",
+    "student_t_assignment",
+]
 
 
 def normalize_images(images: torch.Tensor, mean, std) -> torch.Tensor:
@@ -125,14 +142,10 @@ def kmeans_baseline(features, labels, num_classes: int, seed: int = 0) -> dict[s
 
 
 def metrics_json(dataset: str, split: str, n: int, kmeans: dict, clu: dict, cal: dict) -> dict:
-    """The metrics.json document of issue 3 (fractions in [0, 1])."""
-    return {
-        "dataset": dataset,
-        "split": split,
-        "n": int(n),
-        "heads": {
-            "kmeans": {k: float(kmeans[k]) for k in KMEANS_KEYS},
-            "clu": {k: float(clu[k]) for k in HEAD_KEYS},
-            "cal": {k: float(cal[k]) for k in HEAD_KEYS},
-        },
+    """The metrics.json document of a training run (:func:`cdc_serve.metrics.metrics_document`)."""
+    heads = {
+        "kmeans": {k: kmeans[k] for k in KMEANS_KEYS},
+        "clu": {k: clu[k] for k in HEAD_KEYS},
+        "cal": {k: cal[k] for k in HEAD_KEYS},
     }
+    return metrics_document(dataset, split, n, heads)

@@ -16,8 +16,10 @@ Details:
 - SGD (momentum, weight decay), learning rate ``lr * batch_size / 256``, linear warm-up
   for ``warmup_epochs`` then cosine decay to 0, set per step.
 - A checkpoint after every epoch (weights, optimiser, queue, every random state) makes
-  ``resume=True`` continue exactly as an uninterrupted run. It holds only tensors and
-  plain Python values and is read with ``torch.load(weights_only=True)``.
+  ``resume=True`` continue exactly as an uninterrupted run; it is the project's one
+  resume scheme (``checkpoint.save_stage`` / ``load_stage``: the settings' fingerprint
+  must match, only ``epochs`` may grow). It holds only tensors and plain Python values
+  and is read with ``torch.load(weights_only=True)``.
 - Channels-last tensors (faster on GPUs, and ~20 % on this CPU for the small CNN); on
   CUDA with ``amp``, bf16 autocast. Images move to the device once; augmentation and all
   random draws of the loop happen there (``Augmenter``, a generator on the device).
@@ -27,87 +29,19 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cdc_serve import CDCError
 from cdc_serve_training.augment import Augmenter
+from cdc_serve_training.checkpoint import fingerprint, load_stage, save_stage
+from cdc_serve_training.config import MocoConfig
 from cdc_serve_training.data import ImageData
-
-CHECKPOINT_FORMAT = "cdc-serve/moco-checkpoint"
-CHECKPOINT_VERSION = 1
-
-
-@dataclass
-class MocoConfig:
-    """MoCo-v2 settings; the defaults are the CDC paper's (App. B.1)."""
-
-    epochs: int = 1000
-    batch_size: int = 256
-    lr: float = 0.5  # base learning rate, scaled by batch_size / 256
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    temperature: float = 0.2
-    queue_size: int = 32768
-    key_momentum: float = 0.99
-    proj_hidden: int = 4096
-    proj_dim: int = 256
-    warmup_epochs: float = 50
-    symmetric: bool = False
-    shuffle_bn_splits: int = 4
-    # Area range of the views' RandomResizedCrop; None keeps the Augmenter's (0.2, 1.0).
-    crop_scale: tuple[float, float] | None = None
-
-    def validate(self, n_images: int) -> None:
-        """Raise CDCError for settings that cannot train on ``n_images`` images."""
-        if self.epochs < 0:
-            raise CDCError(f"MoCo epochs must be >= 0, got {self.epochs}")
-        if self.batch_size < 2:
-            raise CDCError(f"MoCo batch size must be at least 2, got {self.batch_size}")
-        if n_images < self.batch_size:
-            raise CDCError(
-                f"MoCo batch size {self.batch_size} is larger than the {n_images} images"
-            )
-        if self.queue_size < 1 or self.temperature <= 0 or self.lr <= 0:
-            raise CDCError("MoCo needs queue_size >= 1, temperature > 0 and lr > 0")
-        if not 0 <= self.key_momentum <= 1:
-            raise CDCError(f"MoCo key momentum must lie in [0, 1], got {self.key_momentum}")
-        if self.shuffle_bn_splits < 1 or self.batch_size < self.shuffle_bn_splits:
-            raise CDCError("MoCo shuffle_bn_splits must be between 1 and the batch size")
-        if self.crop_scale is not None and not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
-            raise CDCError(
-                f"MoCo crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}"
-            )
-
-
-# The paper's settings (ResNet-34, GPU).
-PAPER_MOCO = MocoConfig()
-
-# The quick preset's pretraining (``config._quick_preset`` uses exactly this): small CNN on
-# a 2-core CPU, all 70,000 Fashion-MNIST images in about 2.5-3 minutes on a quiet machine
-# (8 epochs of ~20 s each). A short run wants a high learning rate, a small queue and a
-# small projector. 4 epochs took half the time but gave a backbone on which CDC's clusters
-# were less stable (ACC below K-means with the quick preset's CDC settings).
-QUICK_MOCO = MocoConfig(
-    epochs=8,
-    batch_size=256,
-    lr=0.5,
-    momentum=0.9,
-    weight_decay=1e-4,
-    temperature=0.2,
-    queue_size=8192,
-    key_momentum=0.99,
-    proj_hidden=512,
-    proj_dim=128,
-    warmup_epochs=0.1,
-)
 
 
 def projector(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
@@ -193,46 +127,13 @@ def learning_rate(cfg: MocoConfig, step: int, steps_per_epoch: int) -> float:
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints
-# ----------------------------------------------------------------------------------------------
-
-
-def _save(path: Path, state: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path) -> dict:
-    """Read a MoCo checkpoint (``weights_only``), with a clear error for anything else."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated, not torch, unsafe pickle ...
-        raise CDCError(f"{path}: not a readable MoCo checkpoint ({exc})") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CDCError(f"{path}: not a MoCo checkpoint")
-    if state.get("format_version") != CHECKPOINT_VERSION:
-        raise CDCError(f"{path}: MoCo checkpoint version {state.get('format_version')} unsupported")
-    return state
-
-
-# Settings that must match for a resumed run to be the same run.
-_RESUME_KEYS = (
-    "batch_size", "lr", "momentum", "weight_decay", "temperature", "queue_size",
-    "key_momentum", "proj_hidden", "proj_dim", "warmup_epochs", "symmetric", "shuffle_bn_splits",
-    "crop_scale",
-)  # fmt: skip
-
-
-def _plain(value):
-    """Tuples and lists compare equal (a config may come back from JSON with lists)."""
-    return [float(v) for v in value] if isinstance(value, (tuple, list)) else value
-
-
-# ----------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------
+
+
+def moco_fingerprint(cfg: MocoConfig, *, seed: int, n_images: int) -> dict:
+    """What a MoCo checkpoint must agree with to be resumed (``epochs`` may grow)."""
+    return fingerprint("moco", asdict(cfg), seed=seed, n_images=n_images)
 
 
 def pretrain_moco(
@@ -251,23 +152,20 @@ def pretrain_moco(
     """Pretrain ``backbone`` with MoCo-v2 on ``data``; returns it trained, in eval mode.
 
     ``checkpoint_path`` gets a checkpoint after every epoch; with ``resume=True`` an existing
-    one is continued (same settings required, ``epochs`` may grow) and gives the same
-    weights as an uninterrupted run. The per-epoch mean loss is stored in the checkpoint
-    (``history``) and on the returned module as ``moco_history``.
+    one is continued (same settings, seed and data size required, ``epochs`` may grow) and
+    gives the same weights as an uninterrupted run. The per-epoch mean loss is stored in
+    the checkpoint (``history``) and on the returned module as ``moco_history``.
     """
     device = torch.device(device)
     cfg.validate(len(data))
     if cfg.crop_scale is not None:
         augmenter = copy.copy(augmenter)
         augmenter.crop_scale = (float(cfg.crop_scale[0]), float(cfg.crop_scale[1]))
-    if checkpoint_path is not None:
-        checkpoint_path = Path(checkpoint_path)
     # The queue's random start comes from a CPU generator; every draw of the training loop
     # (batch order, augmentation, key shuffles) from one generator on the training device,
     # so nothing is copied between host and device for randomness.
     model = MoCo(backbone, cfg, torch.Generator().manual_seed(seed)).to(device)
     generator = torch.Generator(device=device).manual_seed(seed)
-    cuda = device.type == "cuda"
     # Channels-last convolutions are faster on GPUs and on this CPU too (measured ~20 %).
     model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(
@@ -276,30 +174,15 @@ def pretrain_moco(
         momentum=cfg.momentum,
         weight_decay=cfg.weight_decay,
     )
+    run = _Run(model, optimizer, generator, augmenter, cfg, device, amp)
+    stage = moco_fingerprint(cfg, seed=seed, n_images=len(data))
     start_epoch, history = 0, []
+    state = load_stage(checkpoint_path, stage) if resume and checkpoint_path else None
+    if state is not None:
+        start_epoch, history = run.restore(state)
 
-    if resume and checkpoint_path is not None and checkpoint_path.is_file():
-        state = load_checkpoint(checkpoint_path)
-        saved = state["config"]
-        changed = [k for k in _RESUME_KEYS if _plain(saved.get(k)) != _plain(getattr(cfg, k))]
-        if changed or state["seed"] != seed or state["n_images"] != len(data):
-            raise CDCError(
-                f"{checkpoint_path}: cannot resume, the run's settings changed "
-                f"({', '.join(changed) or 'seed or dataset size'}); use a new output folder"
-            )
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        if cuda and state.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(state["cuda_rng"], device)
-        start_epoch, history = int(state["epoch"]), list(state["history"])
-
-    n = len(data)
-    steps = n // cfg.batch_size  # the last partial batch is dropped
     images = data.images.to(device)  # uint8, moved once
-    splits = cfg.shuffle_bn_splits
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and amp)
+    steps = len(data) // cfg.batch_size  # the last partial batch is dropped
     bar = None
     if progress and start_epoch < cfg.epochs:
         from tqdm.auto import tqdm
@@ -312,41 +195,10 @@ def pretrain_moco(
             leave=False,
             disable=None,
         )
-
     model.train()
     for epoch in range(start_epoch, cfg.epochs):
-        order = torch.randperm(n, generator=generator, device=device)
-        total_loss = torch.zeros((), device=device)
         started = time.perf_counter()
-        for step in range(steps):
-            lr = learning_rate(cfg, epoch * steps + step, steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            batch = images[order[step * cfg.batch_size : (step + 1) * cfg.batch_size]]
-            x1 = augmenter.moco(batch, generator).contiguous(memory_format=torch.channels_last)
-            x2 = augmenter.moco(batch, generator).contiguous(memory_format=torch.channels_last)
-            shuffle = torch.randperm(len(batch), generator=generator, device=device)
-            with autocast:
-                model.momentum_update(cfg.key_momentum)
-                q1 = model.query(x1)
-                k2 = model.keys(x2, shuffle, splits)
-                loss = info_nce(q1, k2, model.queue, cfg.temperature)
-                keys = k2
-                if cfg.symmetric:
-                    q2 = model.query(x2)
-                    k1 = model.keys(x1, shuffle, splits)
-                    loss = 0.5 * (loss + info_nce(q2, k1, model.queue, cfg.temperature))
-                    keys = torch.cat([k2, k1])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            model.enqueue(keys)
-            total_loss += loss.detach()
-            if bar is not None:
-                bar.update(1)
-                if step % 10 == 0:
-                    bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}", lr=f"{lr:.3g}")
-        mean_loss = float(total_loss) / max(1, steps)
+        mean_loss = run.epoch(images, epoch, steps, bar)
         seconds = time.perf_counter() - started
         history.append({"epoch": epoch + 1, "loss": mean_loss, "seconds": seconds})
         if bar is not None:  # one line per epoch, above the bar; all a log or a pipe gets
@@ -355,29 +207,85 @@ def pretrain_moco(
                 file=sys.stderr,
             )
         if checkpoint_path is not None:
-            _save(
-                checkpoint_path,
-                {
-                    "format": CHECKPOINT_FORMAT,
-                    "format_version": CHECKPOINT_VERSION,
-                    "epoch": epoch + 1,
-                    "config": asdict(cfg),
-                    "seed": seed,
-                    "n_images": n,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "generator": generator.get_state(),
-                    "torch_rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state(device) if cuda else None,
-                    "history": history,
-                },
-            )
+            save_stage(checkpoint_path, stage, epoch + 1, **run.state(), history=history)
     if bar is not None:
         bar.close()
 
     backbone = model.backbone.to(memory_format=torch.contiguous_format).eval()
     backbone.moco_history = history
     return backbone
+
+
+class _Run:
+    """The mutable state of one pretraining run: model, optimiser, random stream."""
+
+    def __init__(self, model: MoCo, optimizer, generator, augmenter, cfg, device, amp) -> None:
+        self.model, self.optimizer, self.generator = model, optimizer, generator
+        self.augmenter, self.cfg, self.device = augmenter, cfg, device
+        self.cuda = device.type == "cuda"
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda and amp)
+
+    def state(self) -> dict:
+        """What a checkpoint holds besides the fingerprint, the epoch and the history."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.cuda else None,
+        }
+
+    def restore(self, state: dict) -> tuple[int, list]:
+        """Load a checkpoint's state; returns (epochs done, history)."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if self.cuda and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        return int(state["epoch"]), list(state["history"])
+
+    def epoch(self, images: torch.Tensor, epoch: int, steps: int, bar) -> float:
+        """One epoch of InfoNCE steps over a random order of ``images``; its mean loss."""
+        cfg, generator = self.cfg, self.generator
+        order = torch.randperm(len(images), generator=generator, device=self.device)
+        total_loss = torch.zeros((), device=self.device)
+        for step in range(steps):
+            lr = learning_rate(cfg, epoch * steps + step, steps)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            batch = images[order[step * cfg.batch_size : (step + 1) * cfg.batch_size]]
+            loss = self.step(batch)
+            total_loss += loss.detach()
+            if bar is not None:
+                bar.update(1)
+                if step % 10 == 0:
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}", lr=f"{lr:.3g}")
+        return float(total_loss) / max(1, steps)
+
+    def step(self, batch: torch.Tensor) -> torch.Tensor:
+        """One MoCo-v2 step: two views, momentum update, InfoNCE, SGD, enqueue the keys."""
+        cfg, model, generator = self.cfg, self.model, self.generator
+        x1 = self.augmenter.moco(batch, generator).contiguous(memory_format=torch.channels_last)
+        x2 = self.augmenter.moco(batch, generator).contiguous(memory_format=torch.channels_last)
+        shuffle = torch.randperm(len(batch), generator=generator, device=self.device)
+        splits = cfg.shuffle_bn_splits
+        with self.autocast:
+            model.momentum_update(cfg.key_momentum)
+            q1 = model.query(x1)
+            k2 = model.keys(x2, shuffle, splits)
+            loss = info_nce(q1, k2, model.queue, cfg.temperature)
+            keys = k2
+            if cfg.symmetric:
+                q2 = model.query(x2)
+                k1 = model.keys(x1, shuffle, splits)
+                loss = 0.5 * (loss + info_nce(q2, k1, model.queue, cfg.temperature))
+                keys = torch.cat([k2, k1])
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        model.enqueue(keys)
+        return loss
 
 
 @torch.no_grad()

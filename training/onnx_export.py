@@ -1,10 +1,11 @@
 """The torch side of ``cdc-serve export``: trace the served graph to ONNX and check it.
 
 The served graph is ``CalibratedInference``: ``input -> backbone -> calibration head ->
-softmax`` with outputs ``probs`` and ``embedding`` (docs/ARCHITECTURE.md). ``verify_onnx``
-runs onnxruntime and PyTorch on the same real batch and refuses a graph whose ``probs``
-differ by more than the tolerance. ``cdc_serve.export`` orchestrates the rest (metadata,
-Triton repository) without importing torch itself.
+softmax`` with outputs ``probs`` and ``embedding``, the tensor names of
+:mod:`cdc_serve.contract`. ``verify_onnx`` runs onnxruntime and PyTorch on the same real
+batch and refuses a graph whose ``probs`` differ by more than the tolerance.
+``cdc_serve.export`` orchestrates the rest (metadata, Triton repository) without
+importing torch itself.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import numpy as np
 import torch
 
 from cdc_serve import CDCError
+from cdc_serve.contract import EMBEDDING, INPUT_NAME, OUTPUT_NAMES, PROBS
+from cdc_serve.preprocess import normalise_with
 from cdc_serve_training.heads import CalibratedInference
 
 OPSET = 17
@@ -31,8 +34,6 @@ def verification_batch(info: dict, data_root, n: int) -> tuple[np.ndarray, str]:
     """A real, normalised batch from the model's own data set (random data if it is absent)."""
     pre = info["preprocess"]
     channels, (h, w) = int(pre["channels"]), pre["input_size"]
-    mean = np.asarray(pre["mean"], np.float32).reshape(1, -1, 1, 1)
-    std = np.asarray(pre["std"], np.float32).reshape(1, -1, 1, 1)
     try:
         from cdc_serve_training.data import load_dataset
 
@@ -42,15 +43,15 @@ def verification_batch(info: dict, data_root, n: int) -> tuple[np.ndarray, str]:
             split="test",
             limit=n,
         )
-        images = data.images[:n].numpy().astype(np.float32)
+        images = data.images[:n].numpy()
         if images.shape[1:] != (channels, h, w):
             raise CDCError("shape mismatch")
         source = f"{info.get('dataset')} test split"
     except CDCError:
         rng = np.random.default_rng(0)
-        images = rng.integers(0, 256, size=(n, channels, h, w)).astype(np.float32)
+        images = rng.integers(0, 256, size=(n, channels, h, w)).astype(np.uint8)
         source = "random images (the training data set was not found)"
-    return ((images / 255.0 - mean) / std).astype(np.float32), source
+    return normalise_with(images, pre["mean"], pre["std"]), source
 
 
 def export_onnx(inference, batch: np.ndarray, path: Path) -> Path:
@@ -58,8 +59,8 @@ def export_onnx(inference, batch: np.ndarray, path: Path) -> Path:
     import onnx
 
     example = torch.from_numpy(batch[:2])
-    names = {"input_names": ["input"], "output_names": ["probs", "embedding"]}
-    axes = {"input": {0: "batch"}, "probs": {0: "batch"}, "embedding": {0: "batch"}}
+    names = {"input_names": [INPUT_NAME], "output_names": list(OUTPUT_NAMES)}
+    axes = {name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)}
     try:  # the TorchScript exporter: fast and exact for these convolutional graphs
         torch.onnx.export(
             inference,
@@ -90,7 +91,7 @@ def verify_onnx(inference, batch: np.ndarray, path: Path, tolerance: float = 1e-
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    ort_probs, ort_embedding = session.run(["probs", "embedding"], {"input": batch})
+    ort_probs, ort_embedding = session.run([PROBS, EMBEDDING], {INPUT_NAME: batch})
     with torch.no_grad():
         torch_probs, torch_embedding = inference(torch.from_numpy(batch))
     diff = float(np.max(np.abs(ort_probs - torch_probs.numpy())))

@@ -1,4 +1,4 @@
-"""Client (local backend), ModelMeta and find_model, against real onnxruntime on tiny models."""
+"""Client (local protocol), ModelMeta and find_model, against real onnxruntime on tiny models."""
 
 from __future__ import annotations
 
@@ -194,8 +194,8 @@ def test_constructor_errors(tmp_path):
         Client()
     with pytest.raises(CDCError, match="model not found"):
         Client(model=tmp_path / "missing")
-    with pytest.raises(CDCError, match="backend"):
-        Client(model=tmp_path, backend="carrier-pigeon")
+    with pytest.raises(CDCError, match="protocol must be one of local, http, grpc"):
+        Client(model=tmp_path, protocol="carrier-pigeon")
     with pytest.raises(CDCError, match="reject_below"):
         Client(model=tmp_path, reject_below=2)
     with pytest.raises(CDCError, match="shared_memory must be one of auto, system, none"):
@@ -213,11 +213,11 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("backend", ["http", "grpc"])
-def test_unreachable_server_is_one_clear_error(backend):
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_unreachable_server_is_one_clear_error(protocol):
     url = f"127.0.0.1:{_closed_port()}"
     with pytest.raises(CDCError, match=f"Triton server at {url}.*unreachable"):
-        Client(url=url, backend=backend, timeout=5)
+        Client(url=url, protocol=protocol, timeout=5)
 
 
 @pytest.mark.parametrize(

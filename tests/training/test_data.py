@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from datafiles import fake_fmnist
 from PIL import Image
 
 from cdc_serve import CDCError
@@ -20,18 +21,6 @@ needs_fmnist = pytest.mark.skipif(
     not (FMNIST / "t10k-images-idx3-ubyte.gz").is_file(),
     reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)",
 )
-
-
-def fake_fmnist(root: Path, n_train: int = 30, n_test: int = 20, seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        write_idx(
-            root / f"{prefix}-images-idx3-ubyte.gz",
-            rng.integers(0, 256, (n, 28, 28), dtype=np.uint8),
-        )
-        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", (np.arange(n) % 10).astype(np.uint8))
-    return root
 
 
 @needs_fmnist

@@ -1,8 +1,9 @@
-"""RUC (training/ruc.py) on small synthetic data: selection, MixMatch, refurbishing, training."""
+"""RUC (training/ruc/) on small synthetic data: selection, MixMatch, refurbishing, training."""
 
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from cdc_serve_training.ruc import (
     guess_unclean,
     knn_vote,
     label_smoothing,
+    loop,
     mixmatch,
     select_clean,
     sharpen,
@@ -342,7 +344,9 @@ def _noisy_inputs(data, seed: int = 0):
     return pseudo, conf, embeddings
 
 
-TINY = RUCConfig(epochs=2, batch_size=16, steps_per_epoch=3, hidden_dim=16, k=5, eval_batch_size=64)
+TINY = RUCConfig(epochs=2, batch_size=16, steps_per_epoch=3, k=5)
+# the run-wide settings train_ruc takes explicitly: head width, inference batch
+WIDTHS = {"hidden": 16, "eval_batch_size": 64}
 
 
 def test_train_ruc_tiny_end_to_end():
@@ -355,8 +359,9 @@ def test_train_ruc_tiny_end_to_end():
     backbone = TinyBackbone()
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
     model, report = ruc.train_ruc(
-        backbone, data, pseudo, conf, emb, augmenter, TINY, "cpu", num_classes=3, progress=False
-    )
+        backbone, data, pseudo, conf, emb, augmenter, TINY, "cpu", num_classes=3, progress=False,
+        **WIDTHS,
+    )  # fmt: skip
     assert isinstance(model, ClusteringModel) and not model.training
     x = augmenter.val(data.images[:5])
     features, clu, cal = model(x)
@@ -386,25 +391,81 @@ def test_train_ruc_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch):
     augmenter = Augmenter(data.size, data.mean, data.std)
     args = (data, pseudo, conf, emb, augmenter, TINY, "cpu")
     backbone = TinyBackbone()  # train_ruc copies it: every run starts from the same weights
-    full, _ = ruc.train_ruc(backbone, *args, num_classes=3, progress=False)
+    full, _ = ruc.train_ruc(backbone, *args, num_classes=3, progress=False, **WIDTHS)
 
-    save = ruc._save_state
+    save = loop._save_state
 
     def save_then_crash(*a, **kw):
         save(*a, **kw)
         raise KeyboardInterrupt
 
     ckpt = tmp_path / "ruc.pt"
-    monkeypatch.setattr(ruc, "_save_state", save_then_crash)
+    monkeypatch.setattr(loop, "_save_state", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
-        ruc.train_ruc(backbone, *args, num_classes=3, progress=False, checkpoint_path=ckpt)
-    monkeypatch.setattr(ruc, "_save_state", save)
+        ruc.train_ruc(
+            backbone, *args, num_classes=3, progress=False, checkpoint_path=ckpt, **WIDTHS
+        )
+    monkeypatch.setattr(loop, "_save_state", save)
     resumed, report = ruc.train_ruc(
-        backbone, *args, num_classes=3, progress=False, checkpoint_path=ckpt, resume=True
-    )
+        backbone, *args, num_classes=3, progress=False, checkpoint_path=ckpt, resume=True,
+        **WIDTHS,
+    )  # fmt: skip
     assert len(report["history"]) == 2
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+ONE_EPOCH = RUCConfig(**{**TINY.to_dict(), "epochs": 1, "steps_per_epoch": 1})
+
+
+def _train_into(checkpoint, *, cfg=ONE_EPOCH, n_per_class=20, resume=False, **options):
+    """One tiny RUC run that checkpoints to ``checkpoint``; ``options`` override train_ruc's."""
+    from cdc_serve_training.augment import Augmenter
+
+    data = _synthetic(n_per_class=n_per_class)
+    pseudo, conf, emb = _noisy_inputs(data)
+    augmenter = Augmenter(data.size, data.mean, data.std)
+    settings = {"num_classes": 3, "seed": 0, "labels_from": "kmeans", **WIDTHS, **options}
+    return ruc.train_ruc(
+        TinyBackbone(), data, pseudo, conf, emb, augmenter, cfg, "cpu", progress=False,
+        checkpoint_path=checkpoint, resume=resume, **settings,
+    )  # fmt: skip
+
+
+def test_train_ruc_checkpoint_counts_epochs_done_and_epochs_may_grow(tmp_path):
+    from cdc_serve_training.checkpoint import safe_load
+
+    ckpt = tmp_path / "ruc.ckpt"
+    _train_into(ckpt)
+    state = safe_load(ckpt)
+    assert state["epoch"] == 1 and state["fingerprint"]["stage"] == "ruc"
+    assert "epochs" not in state["fingerprint"]
+    # more epochs on resume: training continues with the second epoch
+    _, report = _train_into(
+        ckpt, cfg=RUCConfig(**{**ONE_EPOCH.to_dict(), "epochs": 2}), resume=True
+    )
+    assert [row["epoch"] for row in report["history"]] == [1, 2]
+    assert safe_load(ckpt)["epoch"] == 2
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"cfg": RUCConfig(**{**ONE_EPOCH.to_dict(), "lr": 0.02})}, "lr 0.01 -> 0.02"),
+        ({"seed": 1}, "seed 0 -> 1"),
+        ({"n_per_class": 10}, "n_images 60 -> 30"),
+        ({"hidden": 8}, "hidden 16 -> 8"),
+        ({"labels_from": "labels.npy"}, "labels_from 'kmeans' -> 'labels.npy'"),
+        ({"num_classes": 4}, "num_classes 3 -> 4"),
+    ],
+)
+def test_train_ruc_resume_refuses_a_checkpoint_of_another_run(tmp_path, change, message):
+    ckpt = tmp_path / "ruc.ckpt"
+    _train_into(ckpt)
+    with pytest.raises(CDCError, match=re.escape(message)) as error:
+        _train_into(ckpt, resume=True, **change)
+    assert str(error.value).startswith(f"cannot resume from {ckpt}")
+    assert "train into another --out" in str(error.value)
 
 
 def test_train_ruc_input_errors():
@@ -414,14 +475,19 @@ def test_train_ruc_input_errors():
     pseudo, conf, emb = _noisy_inputs(data)
     aug = Augmenter(data.size, data.mean, data.std)
     with pytest.raises(CDCError, match="pseudo-labels for"):
-        ruc.train_ruc(TinyBackbone(), data, pseudo[:5], conf, emb, aug, TINY, num_classes=3)
+        ruc.train_ruc(
+            TinyBackbone(), data, pseudo[:5], conf, emb, aug, TINY, num_classes=3, **WIDTHS
+        )
     by_confidence = RUCConfig(**{**TINY.to_dict(), "strategy": "confidence"})
     with pytest.raises(CDCError, match="needs confidences"):
-        ruc.train_ruc(TinyBackbone(), data, pseudo, None, emb, aug, by_confidence, num_classes=3)
+        ruc.train_ruc(
+            TinyBackbone(), data, pseudo, None, emb, aug, by_confidence, num_classes=3, **WIDTHS
+        )
     with pytest.raises(CDCError, match="kept 0 of 30 samples"):
         ruc.train_ruc(
-            TinyBackbone(), data, pseudo, conf * 0, emb, aug, TINY, num_classes=3, progress=False
-        )
+            TinyBackbone(), data, pseudo, conf * 0, emb, aug, TINY, num_classes=3, progress=False,
+            **WIDTHS,
+        )  # fmt: skip
 
 
 def test_pseudo_labels_from_model_pth_uses_clustering_head(tmp_path):
@@ -471,8 +537,9 @@ def test_train_ruc_hybrid_without_confidences_uses_metric():
     aug = Augmenter(data.size, data.mean, data.std)
     one_step = RUCConfig(**{**TINY.to_dict(), "epochs": 1, "steps_per_epoch": 1})
     _, report = ruc.train_ruc(
-        TinyBackbone(), data, pseudo, None, emb, aug, one_step, num_classes=3, progress=False
-    )
+        TinyBackbone(), data, pseudo, None, emb, aug, one_step, num_classes=3, progress=False,
+        **WIDTHS,
+    )  # fmt: skip
     assert report["strategy"] == "metric" and set(report["selection"]) == {"metric"}
 
 
@@ -484,16 +551,23 @@ def test_run_ruc_stage_from_kmeans(tmp_path):
     features = data.images.float().flatten(1)
     config = SimpleNamespace(
         ruc=RUCConfig(**{**TINY.to_dict(), "epochs": 1, "steps_per_epoch": 1}),
-        init_from="kmeans",
+        labels_from="kmeans",
         seed=0,
         progress=False,
         eval_batch_size=64,
+        model=SimpleNamespace(hidden=16),
     )
     model, report = ruc.run_ruc_stage(config, data, backbone, features, "cpu", tmp_path, False)
     assert (tmp_path / "ruc.ckpt").exists()
-    assert report["init_from"] == "kmeans" and report["strategy"] == "hybrid"
+    assert report["labels_from"] == "kmeans" and report["strategy"] == "hybrid"
     # K-means confidences use the per-cluster rank form
     assert report["config"]["clean_fraction"] == ruc.KMEANS_CLEAN_FRACTION
     assert report["selection"]["confidence"]["size"] == pytest.approx(15, abs=3)
     assert set(report["pseudo_labels"]) >= {"acc", "nmi", "ari"}
     assert model(torch.zeros(2, 1, 12, 12))[2].shape == (2, 3)
+
+
+def test_config_names_the_moved_settings():
+    with pytest.raises(CDCError, match="unknown RUC settings.*model.hidden and eval_batch_size"):
+        RUCConfig.from_dict({"hidden_dim": 128, "eval_batch_size": 1024})
+    assert tuple(s.value for s in ruc.RUCStrategy) == ruc.STRATEGIES

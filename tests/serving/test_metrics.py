@@ -432,3 +432,26 @@ def test_bad_rejection_and_ood_inputs_raise_cdcerror():
         m.ood_auroc([0.1], [])
     with pytest.raises(CDCError, match="n_bins"):
         m.reliability_table([0, 1], GOOD, n_bins=0)
+
+
+# --------------------------------------------------------------------------- metrics.json
+
+
+def test_metrics_json_has_one_shape_and_no_nan(tmp_path):
+    import json
+
+    from cdc_serve.metrics import HEAD_KEYS, metrics_document, write_metrics
+
+    cal = {k: 0.5 for k in HEAD_KEYS} | {"auroc": float("nan")}
+    doc = metrics_document("digits", "test", 7, {"cal": cal})
+    assert sorted(doc) == ["dataset", "heads", "n", "split"]  # no "ood" without OOD scores
+    assert (doc["dataset"], doc["split"], doc["n"]) == ("digits", "test", 7)
+    assert list(doc["heads"]["cal"]) == list(HEAD_KEYS) and math.isnan(doc["heads"]["cal"]["auroc"])
+    scores = {"msp": {"auroc": 0.9, "fpr95": 0.2}}
+    with_ood = metrics_document("digits", "test", 7, {"cal": cal}, scores, "fashion-mnist")
+    assert with_ood["ood"] == {"dataset": "fashion-mnist", "scores": scores}
+    path = write_metrics(tmp_path, with_ood)  # a folder: metrics.json inside it
+    assert path == tmp_path / "metrics.json"
+    text = path.read_text()
+    assert text.endswith("}\n") and "NaN" not in text
+    assert json.loads(text)["heads"]["cal"]["auroc"] is None

@@ -310,7 +310,7 @@ def test_read_meta_errors(tmp_path):
         read_meta(tmp_path)
 
 
-TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "model_repository" / "templates"
+TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "model_repository" / "templates"
 TEMPLATE_COMMON = {
     "num_classes": 10,
     "input_chw": (1, 28, 28),
@@ -337,3 +337,110 @@ def test_templates_parse_and_match_the_generator(backend):
     text = (TEMPLATE_DIR / backend / "config.pbtxt").read_text()
     parse_config(text)
     assert text == config_pbtxt("cdc", backend, **TEMPLATES[backend], **TEMPLATE_COMMON)
+
+
+# ----------------------------------------------------------------------------- model.py
+
+
+class _FakeTensor:
+    def __init__(self, name, array):
+        self.name, self.array = name, array
+
+    def as_numpy(self):
+        return self.array
+
+
+def _python_model(monkeypatch):
+    """Load the python backend's model.py as Triton's stub would, with a stand-in pb_utils."""
+    import importlib.util
+    import sys
+    import types
+
+    fake = types.ModuleType("triton_python_backend_utils")
+    fake.Tensor = _FakeTensor
+    fake.get_input_tensor_by_name = lambda request, name: (
+        _FakeTensor(name, request[name]) if name in request else None
+    )
+    fake.InferenceResponse = lambda output_tensors=None, error=None: types.SimpleNamespace(
+        tensors={t.name: t.array for t in output_tensors or []}, error=error
+    )
+    fake.TritonError = str
+    fake.TritonModelException = type("TritonModelException", (Exception,), {})
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake)
+    spec = importlib.util.spec_from_file_location("served_model_py", PYTHON_MODEL_SOURCE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _initialised(module, model_dir: Path, version: str = "1"):
+    """A TritonPythonModel initialised with the model's config.pbtxt, as Triton passes it."""
+    from google.protobuf import json_format
+
+    config = json_format.MessageToJson(read_config(model_dir), preserving_proto_field_name=True)
+    model = module.TritonPythonModel()
+    model.initialize(
+        {"model_config": config, "model_repository": str(model_dir), "model_version": version}
+    )
+    return model
+
+
+def test_python_model_follows_the_contract_names_in_the_config(tmp_path, monkeypatch):
+    import numpy as np
+    import onnxruntime as ort
+
+    from cdc_serve.contract import INPUT_NAME, ONNX_FILE, ORT_THREADS_PARAMETER, OUTPUT_NAMES
+
+    module = _python_model(monkeypatch)
+    # the two names model.py cannot import from cdc_serve.contract
+    assert module.MODEL_FILE == ONNX_FILE and module.THREADS_PARAMETER == ORT_THREADS_PARAMETER
+
+    v1 = make_tiny_repository(tmp_path / "repo", name="cdc", instance_kind="KIND_CPU")
+    model = _initialised(module, v1.parent)
+    assert (model.input_name, tuple(model.output_names)) == (INPUT_NAME, OUTPUT_NAMES)
+    rng = np.random.default_rng(0)
+    a, b = (rng.normal(size=(n, 1, 8, 8)).astype(np.float32) for n in (3, 2))
+    bad = {INPUT_NAME: np.zeros((2, 8, 8), np.float32)}
+    good_a, wrong, good_b = model.execute([{INPUT_NAME: a}, bad, {INPUT_NAME: b}])
+    session = ort.InferenceSession(str(v1 / "model.onnx"), providers=["CPUExecutionProvider"])
+    for response, x in ((good_a, a), (good_b, b)):  # batched together, split back
+        assert response.error is None and set(response.tensors) == set(OUTPUT_NAMES)
+        expected = session.run(list(OUTPUT_NAMES), {"input": x})
+        for name, want in zip(OUTPUT_NAMES, expected, strict=True):
+            np.testing.assert_allclose(response.tensors[name], want, atol=1e-6)
+    assert "float32 [N, C, H, W]" in wrong.error and INPUT_NAME in wrong.error
+    (missing,) = model.execute([{"something": a}])
+    assert f"no tensor named {INPUT_NAME!r}" in missing.error
+
+
+def test_python_model_reads_renamed_tensors_from_the_config(tmp_path, monkeypatch):
+    """Nothing in model.py hard-codes a tensor name: a renamed config and graph still serve."""
+    import numpy as np
+    from tiny_export import RENAMED, make_renamed_export
+
+    module = _python_model(monkeypatch)
+    model_dir = make_renamed_export(tmp_path)
+    model = _initialised(module, model_dir)
+    x = np.random.default_rng(1).normal(size=(4, 1, 8, 8)).astype(np.float32)
+    (response,) = model.execute([{RENAMED["input"]: x}])
+    assert response.error is None
+    assert set(response.tensors) == {RENAMED["probs"], RENAMED["embedding"]}
+    assert response.tensors[RENAMED["probs"]].shape == (4, 5)
+    # a config naming outputs the graph lacks is refused when the model loads
+    text = (model_dir / "config.pbtxt").read_text().replace('"z"', '"zz"')
+    (model_dir / "config.pbtxt").write_text(text)
+    with pytest.raises(module.pb_utils.TritonModelException, match=r"lacks the outputs \['zz'\]"):
+        _initialised(module, model_dir)
+
+
+def test_the_contract_names_reach_config_and_metadata(tmp_path):
+    from cdc_serve.contract import EMBEDDING, INPUT_NAME, PROBS
+    from cdc_serve.modelmeta import ModelMeta
+
+    v1 = make_tiny_repository(tmp_path / "repo", name="cdc", instance_kind="KIND_CPU")
+    config = read_config(v1.parent)
+    assert [t.name for t in config.input] == [INPUT_NAME]
+    assert [t.name for t in config.output] == [PROBS, EMBEDDING]
+    meta = ModelMeta(name="m", num_classes=2, channels=1, input_size=(4, 4), mean=[0.5],
+                     std=[0.5], embedding_dim=3)  # fmt: skip
+    assert (meta.input_name, meta.outputs) == (INPUT_NAME, (PROBS, EMBEDDING))

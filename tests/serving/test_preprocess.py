@@ -22,6 +22,7 @@ from cdc_serve.preprocess import (
     normalise_with,
     prepare,
     to_model_image,
+    to_model_images,
 )
 
 
@@ -261,3 +262,44 @@ def test_normalise_rejects_wrong_shapes():
         normalise_with(np.zeros((3, 4, 4), np.uint8), [0.5], [0.5])
     with pytest.raises(CDCError, match="channels"):
         normalise_with(np.zeros((1, 3, 4, 4), np.uint8), [0.5], [0.5])
+
+
+def test_the_numpy_and_torch_normalisations_agree():
+    """One formula, two homes: the client's (numpy) and training's (torch) must agree."""
+    torch = pytest.importorskip("torch")
+    from cdc_serve_training.augment import Augmenter
+    from cdc_serve_training.evaluation import normalize_images
+
+    mean, std = [0.1, 0.5, 0.9], [0.3, 0.25, 2.0]
+    batch = noise((4, 3, 5, 6))
+    served = normalise_with(batch, mean, std)
+    trained = normalize_images(torch.from_numpy(batch), mean, std).numpy()
+    augmenter_val = Augmenter((5, 6), mean, std).val(torch.from_numpy(batch)).numpy()
+    for other in (trained, augmenter_val):
+        assert other.dtype == served.dtype == np.float32
+        np.testing.assert_allclose(other, served, rtol=0, atol=1e-6)
+
+
+# -- whole datasets at the model's size ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("shape", "channels", "size"),
+    [((5, 1, 28, 28), 1, (8, 8)), ((5, 3, 32, 32), 1, (28, 28)), ((5, 1, 8, 8), 3, (16, 12))],
+    ids=["gray-down", "rgb-to-gray", "gray-to-rgb-up"],
+)
+def test_to_model_images_is_the_clients_preprocessing(shape, channels, size):
+    images = noise(shape)
+    out = to_model_images(images, channels, size)
+    assert out.dtype == np.uint8 and out.shape == (shape[0], channels, *size)
+    expected = np.stack([prepare(image, channels, size) for image in images])
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_to_model_images_keeps_images_that_fit_and_refuses_odd_arrays():
+    images = noise((3, 1, 8, 8))
+    assert to_model_images(images, 1, (8, 8)) is images
+    with pytest.raises(CDCError, match="uint8 N x C x H x W"):
+        to_model_images(images.astype(np.float32), 1, (8, 8))
+    with pytest.raises(CDCError, match="C = 1 or 3"):
+        to_model_images(noise((3, 4, 8, 8)), 1, (8, 8))

@@ -9,6 +9,8 @@ MODULES = [
     "cdc_serve.cli", "cdc_serve.client", "cdc_serve.predict", "cdc_serve.export",
     "cdc_serve.evaluate", "cdc_serve.serve", "cdc_serve.triton", "cdc_serve.metrics",
     "cdc_serve.plots", "cdc_serve.ood", "cdc_serve.preprocess", "cdc_serve.modelmeta",
+    "cdc_serve.contract", "cdc_serve.datasets", "cdc_serve.transport", "cdc_serve.shm",
+    "cdc_serve.predict_output", "cdc_serve.predict_summary", "cdc_serve.idx",
 ]  # fmt: skip
 
 

@@ -11,17 +11,11 @@ import torch
 from cdc_serve import CDCError
 from cdc_serve_training.augment import Augmenter
 from cdc_serve_training.backbones import build_backbone
+from cdc_serve_training.checkpoint import safe_load
+from cdc_serve_training.config import MocoConfig
 from cdc_serve_training.data import ImageData
-from cdc_serve_training.moco import (
-    PAPER_MOCO,
-    QUICK_MOCO,
-    MocoConfig,
-    extract_features,
-    info_nce,
-    learning_rate,
-    load_checkpoint,
-    pretrain_moco,
-)
+from cdc_serve_training.moco import extract_features, info_nce, learning_rate, pretrain_moco
+from cdc_serve_training.presets import PAPER_MOCO, QUICK_MOCO
 
 TINY = MocoConfig(
     epochs=2, batch_size=16, lr=0.1, queue_size=48, proj_hidden=32, proj_dim=16,
@@ -66,7 +60,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path: Path) -
     ckpt = tmp_path / "moco.pt"
     _interrupt_after_epoch_one(data, ckpt)
     resumed = run(TINY, data, checkpoint_path=ckpt, resume=True)
-    assert load_checkpoint(ckpt)["epoch"] == 2
+    assert safe_load(ckpt)["epoch"] == 2
     a, b = straight.state_dict(), resumed.state_dict()
     assert a.keys() == b.keys()
     for key in a:
@@ -82,19 +76,19 @@ def _interrupt_after_epoch_one(data: ImageData, path: Path) -> None:
 
     import cdc_serve_training.moco as moco
 
-    real_save = moco._save
+    real_save = moco.save_stage
 
-    def save_then_stop(p, state):
-        real_save(p, state)
+    def save_then_stop(*args, **kwargs):
+        real_save(*args, **kwargs)
         raise Stop
 
-    moco._save = save_then_stop
+    moco.save_stage = save_then_stop
     try:
         with pytest.raises(Stop):
             run(TINY, data, checkpoint_path=path)
     finally:
-        moco._save = real_save
-    assert load_checkpoint(path)["epoch"] == 1
+        moco.save_stage = real_save
+    assert safe_load(path)["epoch"] == 1
 
 
 def test_resume_refuses_changed_settings(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -131,3 +132,37 @@ def test_gzip_written_is_real_gzip(tmp_path):
     path = write_idx(tmp_path / "g-ubyte.gz", array)
     with gzip.open(path, "rb") as f:
         assert f.read()[8:] == array.tobytes()
+
+
+def test_gzip_header_claiming_a_billion_images_allocates_only_what_is_there(tmp_path):
+    """The header says 10^9 28x28 images (784 GB); the file holds 3. Refused, in small memory."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "huge-images-idx3-ubyte.gz"
+    header = bytes([0, 0, 0x08, 3]) + struct.pack(">3I", 10**9, 28, 28)
+    with gzip.open(path, "wb") as f:
+        f.write(header + bytes(3 * 784))
+    code = (
+        "import resource, sys\n"
+        "from cdc_serve import CDCError\n"
+        "from cdc_serve.idx import read_idx, read_idx_rows, iter_idx_blocks\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "for read in (lambda p: read_idx(p), lambda p: read_idx_rows(p, 0, 10**9),\n"
+        "             lambda p: list(iter_idx_blocks(p, block=10**6))):\n"
+        "    try:\n"
+        "        read(sys.argv[1])\n"
+        "    except CDCError as exc:\n"
+        "        assert 'truncated' in str(exc), exc\n"
+        "    else:\n"
+        "        raise SystemExit('not refused')\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n"
+    )
+    # a cap on the address space: an attempt to allocate the claimed 784 GB would fail
+    limit = "import resource; resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))\n"
+    done = subprocess.run(
+        [sys.executable, "-c", limit + code, str(path)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    grown_kib = int(done.stdout.strip().splitlines()[-1])
+    assert grown_kib < 200 * 1024  # well under 200 MiB more than before reading

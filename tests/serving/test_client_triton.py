@@ -16,7 +16,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import make_tiny_onnx
-from tiny_export import EMBEDDING_DIM, NUM_CLASSES, fitted_ood, tiny_modelmeta
+from tiny_export import (
+    EMBEDDING_DIM,
+    NUM_CLASSES,
+    RENAMED,
+    fitted_ood,
+    make_renamed_export,
+    tiny_modelmeta,
+)
 
 from cdc_serve import CDCError
 from cdc_serve.client import META_PARAMETER, Client
@@ -48,6 +55,7 @@ def build_repository(root: Path, with_full_meta: bool) -> Path:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, triton_server):
     repo = build_repository(tmp_path_factory.mktemp("triton"), with_full_meta=True)
+    make_renamed_export(repo)  # model "renamed": tensors not called input/probs/embedding
     server = triton_server(repo)
     yield repo, server
     server.stop()
@@ -64,14 +72,14 @@ def test_local_http_grpc_give_identical_results(served):
     with Client(model=repo / "cdc") as local:
         results["local"] = local.predict(batch, return_probs=True)
         local_meta = local.meta
-    for backend, url in (("http", server.http_url), ("grpc", server.grpc_url)):
-        with Client(url=url, backend=backend, model_name="cdc", concurrency=4) as remote:
+    for protocol, url in (("http", server.http_url), ("grpc", server.grpc_url)):
+        with Client(url=url, protocol=protocol, model_name="cdc", concurrency=4) as remote:
             assert remote.meta.ood == local_meta.ood  # the full metadata came from the server
             assert remote.batch_size == MAX_BATCH
-            results[backend] = remote.predict(batch, return_probs=True)
+            results[protocol] = remote.predict(batch, return_probs=True)
     ref = results["local"]
-    for backend in ("http", "grpc"):
-        got = results[backend]
+    for protocol in ("http", "grpc"):
+        got = results[protocol]
         assert [p.cluster_id for p in got] == [p.cluster_id for p in ref]
         np.testing.assert_allclose(
             [p.confidence for p in got], [p.confidence for p in ref], atol=1e-5
@@ -102,11 +110,11 @@ def test_shared_memory_requests_match_in_message_ones_and_leave_nothing(served, 
     repo, server = served
     url = server.http_url if protocol == "http" else server.grpc_url
     batch = images(100, seed=6)  # 7 requests of at most 16 images from 4 threads
-    with Client(url=url, backend=protocol, shared_memory="none", concurrency=4) as plain:
+    with Client(url=url, protocol=protocol, shared_memory="none", concurrency=4) as plain:
         ref = plain.predict(batch, return_probs=True)
         assert _our_regions(server) == ([], [])
     for mode in ("auto", "system"):  # auto: the server is on loopback
-        with Client(url=url, backend=protocol, shared_memory=mode, concurrency=4) as client:
+        with Client(url=url, protocol=protocol, shared_memory=mode, concurrency=4) as client:
             got = client.predict(batch, return_probs=True)
             names, files = _our_regions(server)
             assert 1 <= len(names) <= 4, names  # one region per worker thread
@@ -179,10 +187,29 @@ def test_metadata_without_the_full_parameter(tmp_path, triton_server):
             ]
         # A local copy of the metadata restores the fitted OOD score.
         _, meta = find_model(repo / "cdc")
-        with Client(url=server.grpc_url, backend="grpc", meta=meta) as remote:
+        with Client(url=server.grpc_url, protocol="grpc", meta=meta) as remote:
             assert remote.ood.name == meta.ood["default"]
     finally:
         server.stop()
+
+
+def test_tensor_names_come_from_the_metadata(served):
+    """Over both protocols the client asks for the tensors ``meta.outputs`` names."""
+    repo, server = served
+    batch = images(20, seed=5)
+    with Client(model=repo / "renamed") as local:
+        assert local.meta.outputs == (RENAMED["probs"], RENAMED["embedding"])
+        expected = local.predict(batch, return_probs=True)
+    for protocol, url in (("http", server.http_url), ("grpc", server.grpc_url)):
+        with Client(url=url, protocol=protocol, model_name="renamed") as remote:
+            assert remote.meta.input_name == RENAMED["input"]
+            got = remote.predict(batch, return_probs=True)
+        np.testing.assert_allclose([p.probs for p in got], [p.probs for p in expected], atol=1e-5)
+        np.testing.assert_allclose([p.ood_score for p in got],
+                                   [p.ood_score for p in expected], rtol=1e-4, atol=1e-5)  # fmt: skip
+    # metadata naming tensors the served model does not have: one clear error, up front
+    with pytest.raises(CDCError, match="does not match its metadata.*expected input 'input'"):
+        Client(url=server.http_url, model_name="renamed", meta=tiny_modelmeta())
 
 
 def test_unknown_model_is_a_clear_error(served):
@@ -221,7 +248,7 @@ def test_an_idle_client_registers_its_region_again_after_restart(tmp_path, trito
     batch = images(40, seed=7)
     started: list = []
     try:
-        with Client(url=server.grpc_url, backend="grpc", model_name="cdc", concurrency=1,
+        with Client(url=server.grpc_url, protocol="grpc", model_name="cdc", concurrency=1,
                     backoff=0.1, shared_memory="system") as client:  # fmt: skip
             before = client.predict(batch, return_probs=True)
             old = _our_regions(server)[0]
@@ -327,8 +354,8 @@ def test_full_size_ood_parameters_travel_over_both_protocols(tmp_path, triton_se
                       parameters=params)  # fmt: skip
     server = triton_server(tmp_path / "repo")
     try:
-        for backend, url in (("http", server.http_url), ("grpc", server.grpc_url)):
-            with Client(url=url, backend=backend, model_name="cdc") as remote:
+        for protocol, url in (("http", server.http_url), ("grpc", server.grpc_url)):
+            with Client(url=url, protocol=protocol, model_name="cdc") as remote:
                 assert remote.meta.ood == big and remote.ood.name == big["default"]
     finally:
         server.stop()

@@ -14,9 +14,9 @@ from cdc_serve.cli import app
 from cdc_serve.client import Client
 from cdc_serve.evaluate import evaluate
 from cdc_serve.export import export_model
-from cdc_serve_training.config import make_config
 from cdc_serve_training.data import load_dataset
 from cdc_serve_training.pipeline import train
+from cdc_serve_training.presets import make_config
 
 
 def _tiny_config(tmp_path, method: str, **kwargs):
@@ -72,8 +72,8 @@ def test_evaluate_cli_errors(tmp_path):
 
 @pytest.mark.slow
 def test_ruc_model_exports_and_predicts_through_the_same_client(tmp_path):
-    """`--method ruc --init-from kmeans`: a model.pth that exports and scores like CDC's."""
-    config = _tiny_config(tmp_path, "ruc", init_from="kmeans")
+    """`--method ruc --labels-from kmeans`: a model.pth that exports and scores like CDC's."""
+    config = _tiny_config(tmp_path, "ruc", labels_from="kmeans")
     model_path = train(config)
     metrics = json.loads((model_path.parent / "metrics.json").read_text())
     assert set(metrics["heads"]["cal"]) >= {"acc", "ece", "auroc"}

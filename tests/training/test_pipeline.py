@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from cdc_serve import CDCError
-from cdc_serve_training.config import ABLATIONS, make_config
 from cdc_serve_training.pipeline import train
+from cdc_serve_training.presets import ABLATIONS, make_config
 
 
 def _config(tmp_path, **kwargs):
@@ -26,11 +26,13 @@ def _config(tmp_path, **kwargs):
 
 def test_quick_preset_is_valid(tmp_path):
     config = _config(tmp_path)
-    assert config.backbone == "smallcnn"
+    assert config.model.backbone == "smallcnn"
     assert config.cdc.batch_size % config.cdc.sub_batch_size == 0
     assert config.cdc.mini_clusters <= config.cdc.batch_size
     paper = _config(tmp_path, preset="paper")
-    assert paper.backbone == "resnet34" and paper.moco.epochs == 1000 and paper.cdc.epochs == 100
+    assert (
+        paper.model.backbone == "resnet34" and paper.moco.epochs == 1000 and paper.cdc.epochs == 100
+    )
     assert (paper.cdc.batch_size, paper.cdc.sub_batch_size, paper.cdc.mini_clusters) == (
         1000,
         500,
@@ -226,3 +228,10 @@ def test_ablation_report_keeps_text_outside_its_markers():
     assert "table v1" not in second and "table v2" in second
     assert "hand-written intro" in second and second.endswith("## RUC\nstrategies table\n")
     assert second.count(START) == second.count(END) == 1
+
+
+def test_ablation_choices_match_their_settings():
+    """The CLI's --ablation values (cdc_serve.choices) are exactly the presets' ABLATIONS."""
+    from cdc_serve.choices import Ablation, values
+
+    assert set(values(Ablation)) == set(ABLATIONS)

@@ -76,3 +76,54 @@ def make_exported_model(
     meta.version = version
     meta.write(version_dir / META_FILE)
     return version_dir.parent
+
+
+RENAMED = {"input": "pixels", "probs": "p", "embedding": "z"}
+
+
+def make_renamed_export(root: Path, names: dict[str, str] = RENAMED, seed: int = 0) -> Path:
+    """A python-backend Triton model whose tensors are not called input / probs / embedding.
+
+    Writes ``root/renamed/config.pbtxt`` (its ``input``/``output`` entries renamed) and
+    ``root/renamed/1/{model.onnx, cdc_meta.json, model.py}`` with the metadata naming the
+    same tensors (``input_name``, ``outputs``); returns ``root/renamed``. Clients and the
+    served ``model.py`` must follow those names, not the defaults.
+    """
+    import dataclasses
+    import shutil
+
+    import onnx
+    from google.protobuf import text_format
+
+    from cdc_serve.contract import CONFIG_FILE, ONNX_FILE, PYTHON_MODEL_FILE
+    from cdc_serve.triton import PYTHON_MODEL_SOURCE, config_pbtxt, meta_parameters, parse_config
+
+    model_dir = Path(root) / "renamed"
+    version_dir = model_dir / "1"
+    source = make_tiny_onnx(Path(root).parent / f".renamed-src-{seed}" / "tiny.onnx",
+                            num_classes=NUM_CLASSES, embedding_dim=EMBEDDING_DIM, seed=seed)  # fmt: skip
+    graph = onnx.load(str(source))
+    for node in graph.graph.node:
+        node.input[:] = [names.get(n, n) for n in node.input]
+        node.output[:] = [names.get(n, n) for n in node.output]
+    for value in (*graph.graph.input, *graph.graph.output):
+        value.name = names.get(value.name, value.name)
+    onnx.checker.check_model(graph)
+    version_dir.mkdir(parents=True)
+    onnx.save(graph, str(version_dir / ONNX_FILE))
+    shutil.copyfile(PYTHON_MODEL_SOURCE, version_dir / PYTHON_MODEL_FILE)
+
+    meta = dataclasses.replace(
+        tiny_modelmeta(), input_name=names["input"], outputs=(names["probs"], names["embedding"])
+    )
+    meta.ood = fitted_ood(source, meta, seed)
+    meta.version = 1
+    meta.write(version_dir / META_FILE)
+
+    text = config_pbtxt("renamed", "python", NUM_CLASSES, (1, 8, 8), EMBEDDING_DIM, max_batch=16,
+                        instance_kind="KIND_CPU", parameters=meta_parameters(meta.to_dict()))  # fmt: skip
+    config = parse_config(text)
+    config.input[0].name = names["input"]
+    config.output[0].name, config.output[1].name = names["probs"], names["embedding"]
+    (model_dir / CONFIG_FILE).write_text(text_format.MessageToString(config), encoding="utf-8")
+    return model_dir
