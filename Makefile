@@ -10,7 +10,7 @@ RUN ?= runs/fmnist-quick
 ABLATION_LIMIT ?= 20000
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-8)
 
-.PHONY: install data demo test test-fast lint format bench ablations clean
+.PHONY: install data browser demo test test-fast lint format bench ablations clean
 
 install: $(STAMP) data ## Create .venv with cdc-serve[train,server,dev] and the dataset
 
@@ -27,6 +27,13 @@ data: ## Fashion-MNIST from Debian's dataset-fashion-mnist (when root and apt ar
 	  || echo "warning: could not install dataset-fashion-mnist; use --download or --data-root"; \
 	else echo "note: Fashion-MNIST not found at $(DATA_ROOT); install dataset-fashion-mnist or pass --data-root"; fi
 
+browser: ## Chromium for the browser test of `cdc-serve report` (Debian's chromium, when root and apt are there)
+	@if command -v chromium >/dev/null || command -v chromium-browser >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null \
+	  || echo "warning: could not install chromium; the report's browser test will be skipped"; \
+	else echo "note: chromium not found; the report's browser test will be skipped (install chromium)"; fi
+
 CLI := $(VENV)/bin/cdc-serve
 
 demo: install ## Train the quick model (or reuse it), export, score held-out images with rejection and OOD flags
@@ -39,7 +46,7 @@ demo: install ## Train the quick model (or reuse it), export, score held-out ima
 	$(CLI) evaluate $(RUN)/model.pth --dataset fashion-mnist --split test --ood-dataset digits \
 	  --data-root $(DATA_ROOT) --out $(RUN)/eval
 
-test: install ## The whole test suite, slow end-to-end tests included (what CI runs)
+test: install browser ## The whole test suite, slow end-to-end tests included (what CI runs)
 	$(PY) -m pytest -q -ra
 
 test-fast: install ## Skip the slow end-to-end tests

@@ -15,7 +15,7 @@ from pathlib import Path
 from benchmarks.common import Section, md_table, met
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
-ORDER = ("inference", "kmeans", "training")
+ORDER = ("inference", "kmeans", "training", "folders")
 PREAMBLE = """# Benchmarks
 
 Side-by-side measurements for issue 7, written by `make bench`

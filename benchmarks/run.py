@@ -162,6 +162,10 @@ def _run_one(name: str, settings: BenchSettings, sizes, *, triton: bool) -> Sect
         from benchmarks import kmeans_bench
 
         return kmeans_bench.run(settings, sizes)
+    if name == "folders":
+        from benchmarks import folder_bench
+
+        return folder_bench.run(settings)
     from benchmarks import training_bench
 
     return training_bench.run(settings)

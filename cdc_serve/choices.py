@@ -34,6 +34,7 @@ class Backbone(str, enum.Enum):
     smallcnn = "smallcnn"
     resnet18 = "resnet18"
     resnet34 = "resnet34"
+    resnet50 = "resnet50"
 
 
 class Device(str, enum.Enum):
@@ -84,6 +85,14 @@ class TritonBackend(str, enum.Enum):
 
     onnxruntime = "onnxruntime"  # NVIDIA's Triton containers
     python = "python"  # the pip-installed tritonserver (nvidia-pytriton)
+
+
+class InstanceKind(str, enum.Enum):
+    """Where Triton runs a model's instances (``config.pbtxt`` ``instance_group { kind }``)."""
+
+    auto = "auto"  # KIND_AUTO: the serving machine's GPU when it has one, else its CPU
+    cpu = "KIND_CPU"
+    gpu = "KIND_GPU"
 
 
 class Protocol(str, enum.Enum):

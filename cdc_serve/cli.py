@@ -22,6 +22,7 @@ from cdc_serve.choices import (
     Backbone,
     Device,
     ExportFormat,
+    InstanceKind,
     Method,
     OodScore,
     Preset,
@@ -94,6 +95,18 @@ def _value(choice):
     return None if choice is None else choice.value
 
 
+def _size(text: str | None) -> tuple[int, int] | None:
+    """``"64"`` -> (64, 64), ``"48x64"`` -> (48, 64) (height x width)."""
+    if text is None:
+        return None
+    parts = text.lower().split("x")
+    try:
+        height, width = (int(parts[0]),) * 2 if len(parts) == 1 else map(int, parts)
+    except ValueError:
+        raise CDCError(f"--input-size {text!r}: use N or HxW, e.g. 64 or 48x64") from None
+    return height, width
+
+
 @app.command()
 @_user_errors
 def train(
@@ -133,9 +146,50 @@ def train(
     limit: int | None = typer.Option(None, help="Use a seeded subset of N images."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoints in --out."),
     download: bool = typer.Option(False, "--download", help="Allow downloading a missing dataset."),
+    num_clusters: int | None = typer.Option(
+        None,
+        help="imagefolder: how many clusters to find (required without class sub-folders; "
+        "default: one per sub-folder, whose names are then labels for evaluation only).",
+    ),
+    input_size: str | None = typer.Option(
+        None,
+        help="imagefolder: N or HxW, the size images are resized to (default: 32 with the "
+        "quick preset, 96 with paper; never the images' own size).",
+    ),
+    channels: int | None = typer.Option(
+        None, help="imagefolder: 1 or 3 (default: 1 when every image is grayscale, else 3)."
+    ),
+    strict: bool = typer.Option(
+        False, "--strict", help="imagefolder: stop at the first unreadable file (default: skip)."
+    ),
+    labels: Path | None = typer.Option(
+        None,
+        help="imagefolder: a `file,label` CSV of true labels, for evaluation only (ACC, NMI, "
+        "ARI, ECE in metrics.json); training never sees them.",
+    ),
+    batch_size: int | None = typer.Option(
+        None, help="CDC batch B (default: the preset's, halved for small data; printed)."
+    ),
+    sub_batch_size: int | None = typer.Option(None, help="CDC sub-batch B_s (divides B)."),
+    mini_clusters: int | None = typer.Option(None, help="CDC mini-clusters K per batch."),
+    backbone_weights: Path | None = typer.Option(
+        None,
+        help="Start from these weights: a torchvision state dict of --backbone (e.g. "
+        "torch.save(torchvision.models.resnet18(weights='DEFAULT').state_dict(), 'r18.pth')) "
+        "or a backbone.pt of an earlier run; with --pretrain-epochs 0 MoCo-v2 is skipped.",
+    ),
 ) -> None:
     """Pretrain (MoCo-v2), initialise the heads from prototypes and train CDC or RUC."""
     config = _training("presets").make_config(
+        num_clusters=num_clusters,
+        input_size=_size(input_size),
+        channels=channels,
+        strict=strict,
+        batch_size=batch_size,
+        sub_batch_size=sub_batch_size,
+        mini_clusters=mini_clusters,
+        backbone_weights=str(backbone_weights) if backbone_weights else None,
+        labels=str(labels) if labels else None,
         preset=preset.value,
         dataset=dataset,
         out=str(out),
@@ -206,7 +260,16 @@ def export(
     format: ExportFormat = typer.Option(ExportFormat.onnx, "--format", help="The model file."),
     backend: TritonBackend = typer.Option(
         TritonBackend.onnxruntime,
-        help="onnxruntime (NVIDIA's containers) or python (the pip-installed tritonserver).",
+        help="onnxruntime (NVIDIA's containers; `cdc-serve serve` runs it on the pip-installed "
+        "tritonserver too) or python (a model.py that runs model.onnx).",
+    ),
+    instance_kind: InstanceKind = typer.Option(
+        InstanceKind.auto,
+        help="Where Triton runs the model: auto (KIND_AUTO: the serving machine's GPU if it "
+        "has one, else its CPU), KIND_CPU or KIND_GPU.",
+    ),
+    reject_below: float = typer.Option(
+        0.8, help="The model's default reject threshold (clients may choose another)."
     ),
     max_batch: int = typer.Option(256, help="Largest batch Triton may form."),
     fp16: bool = typer.Option(False, "--fp16", help="TensorRT only: build an fp16 engine."),
@@ -232,6 +295,8 @@ def export(
         fp16=fp16,
         trt_accelerator=trt_accelerator,
         data_root=data_root,
+        reject_below=reject_below,
+        instance_kind=instance_kind.value,
     )
     typer.echo(result.summary())
 
@@ -246,12 +311,28 @@ def serve(
     http_port: int = typer.Option(8000, help="HTTP port."),
     grpc_port: int = typer.Option(8001, help="gRPC port."),
     metrics_port: int = typer.Option(8002, help="Prometheus metrics port."),
+    poll: bool = typer.Option(
+        False,
+        "--poll",
+        help="Watch the repository and serve each new version exported into it (hot update; "
+        "requests in flight during the switch succeed).",
+    ),
+    poll_interval: float = typer.Option(2.0, help="With --poll: seconds between looks."),
 ) -> None:
-    """Start a Triton Inference Server on the repository and wait (Ctrl-C stops it)."""
-    from cdc_serve.serve import serve_forever
+    """Start a Triton Inference Server on the repository and wait (Ctrl-C stops it).
+
+    Serves every export of this project on whichever tritonserver it finds: models
+    configured for onnxruntime run through the Python backend on a server without it.
+    """
+    from cdc_serve.serve_command import serve_forever
 
     serve_forever(
-        repository, host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port
+        repository,
+        host=host,
+        http_port=http_port,
+        grpc_port=grpc_port,
+        metrics_port=metrics_port,
+        poll=poll_interval if poll else None,
     )
 
 
@@ -267,8 +348,10 @@ def predict(
     url: str | None = typer.Option(None, help="Triton server HOST:PORT (instead of --model)."),
     protocol: TritonProtocol = typer.Option(TritonProtocol.http, help="With --url."),
     model_name: str = typer.Option("cdc", help="Model name on the Triton server."),
-    reject_below: float = typer.Option(
-        0.8, help="Reject predictions whose calibrated confidence is below this."
+    reject_below: float | None = typer.Option(
+        None,
+        help="Reject predictions whose calibrated confidence is below this (default: the "
+        "model's reject_below, 0.8 unless chosen at export).",
     ),
     batch_size: int = typer.Option(256, help="Images per request."),
     shared_memory: SharedMemory = typer.Option(
@@ -337,6 +420,45 @@ def evaluate(
         data_root=data_root,
     )
     typer.echo(report.format())
+
+
+@app.command()
+@_user_errors
+def report(
+    predictions: Path = typer.Argument(
+        ..., help="A predict output (.csv/.jsonl) or an assignments.csv of `cdc-serve train`."
+    ),
+    out: Path | None = typer.Option(
+        None, help="Folder for index.html and the PNGs (default: report/ beside PREDICTIONS)."
+    ),
+    reject_below: float | None = typer.Option(
+        None,
+        help="Reject confidences below this (default: the file's rejected column, else 0.8).",
+    ),
+    labels: Path | None = typer.Option(
+        None, help="IDX/.npy labels aligned with the rows (else a label column, if any)."
+    ),
+    root: Path | None = typer.Option(
+        None,
+        help="Folder that relative sources are relative to (default: the current folder, "
+        "then the folder of PREDICTIONS).",
+    ),
+    num_clusters: int | None = typer.Option(
+        None, help="How many clusters the model has (default: the largest cluster_id + 1)."
+    ),
+) -> None:
+    """Write an HTML page with one contact sheet per cluster (and a reliability diagram with labels)."""
+    from cdc_serve.report import make_report
+
+    result = make_report(
+        predictions,
+        out=out if out is not None else Path(predictions).parent / "report",
+        reject_below=reject_below,
+        labels=labels,
+        root=root,
+        num_clusters=num_clusters,
+    )
+    typer.echo(result.format())
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -3,9 +3,18 @@
 Everything that the exporter, the Triton configuration, the Python-backend model and
 the clients must agree on is written here once (``docs/ARCHITECTURE.md``):
 
-- the served graph takes one float32 input ``input`` of shape ``[N, C, H, W]`` and gives
-  two float32 outputs, ``probs`` ``[N, num_classes]`` (the calibration head's softmax)
-  and ``embedding`` ``[N, D]`` (the backbone feature the OOD scores use);
+- the served graph (metadata ``format_version`` 2) takes the images as they are, one
+  uint8 input ``input`` of shape ``[N, C, H, W]``, normalises them inside the graph and
+  answers completely, per image: ``cluster_id`` (int64 ``[N]``), ``confidence``
+  (float32 ``[N]``, the calibration head's max probability), ``ood_score`` (float32
+  ``[N]``, the model's default OOD score), ``ood`` (bool ``[N]``, ``ood_score`` above
+  its fitted threshold), ``probs`` (float32 ``[N, num_classes]``) and ``embedding``
+  (float32 ``[N, D]``, the backbone feature other OOD scores use). The graph is built by
+  :mod:`cdc_serve.served_graph`. Rejection (``confidence < t``) stays the caller's
+  choice; the model's default ``t`` is in the metadata;
+- the previous format (``format_version`` 1, exports made before the in-graph scores)
+  takes the float32 input already normalised and gives only ``probs`` and ``embedding``;
+  clients still read it and compute the rest themselves;
 - an exported model is ``model.onnx`` with its metadata ``cdc_meta.json`` beside it
   (format ``cdc-serve/export``, see :mod:`cdc_serve.modelmeta`);
 - a Triton model repository holds one folder per model, its ``config.pbtxt`` and one
@@ -36,7 +45,23 @@ from cdc_serve import CDCError
 INPUT_NAME = "input"
 PROBS = "probs"
 EMBEDDING = "embedding"
-OUTPUT_NAMES = (PROBS, EMBEDDING)  # in this order: (probabilities, embedding)
+OUTPUT_NAMES = (PROBS, EMBEDDING)  # in this order: (probabilities, embedding); both formats
+CLUSTER_ID = "cluster_id"
+CONFIDENCE = "confidence"
+OOD_SCORE = "ood_score"
+OOD = "ood"
+SCORE_OUTPUTS = (CLUSTER_ID, CONFIDENCE, OOD_SCORE, OOD)  # format 2: the per-image answer
+SERVED_OUTPUTS = (*SCORE_OUTPUTS, *OUTPUT_NAMES)  # format 2: every output, in graph order
+# Triton data types of the format-2 graph's tensors (config.pbtxt TYPE_<x>, KServe v2 <x>)
+TENSOR_TYPES = {
+    INPUT_NAME: "UINT8",
+    CLUSTER_ID: "INT64",
+    CONFIDENCE: "FP32",
+    OOD_SCORE: "FP32",
+    OOD: "BOOL",
+    PROBS: "FP32",
+    EMBEDDING: "FP32",
+}
 
 # -- files -----------------------------------------------------------------------------
 
@@ -47,13 +72,19 @@ META_FILE = "cdc_meta.json"
 CONFIG_FILE = "config.pbtxt"
 
 META_FORMAT = "cdc-serve/export"
-META_FORMAT_VERSION = 1
+META_FORMAT_VERSION = 2  # 2: uint8 input, scores in the graph; 1: float input, probs + embedding
+FLOAT_INPUT_FORMAT_VERSION = 1  # the previous format, still read and served
+DEFAULT_REJECT_BELOW = 0.8  # the model's default reject threshold (a caller may pick another)
 
 # -- config.pbtxt parameters -------------------------------------------------------------
 
 META_PARAMETER = "cdc_meta"  # the whole cdc_meta.json as one JSON string
 META_FILE_PARAMETER = "cdc_meta_file"  # the metadata's file name in a version folder
 ORT_THREADS_PARAMETER = "ort_intra_op_threads"  # python backend: onnxruntime threads
+ORT_SPINNING_PARAMETER = "ort_allow_spinning"  # python backend: "0" (default) idle threads sleep
+REJECT_PARAMETER = "reject_below"  # the model's default reject threshold
+OOD_SCORE_PARAMETER = "ood_score_name"  # which OOD score the graph's ood_score is
+OOD_THRESHOLD_PARAMETER = "ood_threshold"  # the threshold the graph's ood flag uses
 
 # -- the version-folder layout -----------------------------------------------------------
 

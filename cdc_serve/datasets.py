@@ -27,7 +27,9 @@ where it looked and how to get the files; the training side passes a ``fetch`` f
 
 from __future__ import annotations
 
+import csv
 import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,8 +146,12 @@ def _read_fashion_mnist(root: Path, split: str, fetch: Fetch | None) -> Arrays:
             raise CDCError(
                 f"{files[1]}: {len(labels)} labels for {len(images)} images in {files[0].name}"
             )
-        if labels.size and int(labels.max()) >= 10:
-            raise CDCError(f"{files[1]}: label {int(labels.max())} out of range 0..9")
+        if labels.dtype.kind not in "iu":
+            raise CDCError(f"{files[1]}: labels must be integers, got {labels.dtype}")
+        if labels.size and not 0 <= labels.min() <= labels.max() < 10:
+            raise CDCError(
+                f"{files[1]}: labels {labels.min()}..{labels.max()} outside 0..9 (the ten classes)"
+            )
         parts[part] = (images[:, None], labels.astype(np.int64))
     images, labels = _pick_split(parts, split)
     return images, labels, list(FASHION_CLASSES)
@@ -213,6 +219,8 @@ def _cifar_batch(path: Path, label_key: str, num_labels: int) -> tuple[np.ndarra
             f"{path}: unexpected CIFAR batch contents (data {data.shape}, {label_key!r} "
             f"{type(labels).__name__})"
         )
+    if isinstance(labels, list) and not all(type(v) is int for v in labels):
+        raise CDCError(f"{path}: {label_key!r} must be a list of integers")
     labels = np.asarray(labels)
     if labels.shape != (len(data),) or labels.dtype.kind not in "iu":
         raise CDCError(f"{path}: {labels.size} {label_key!r} for {len(data)} images")
@@ -233,15 +241,27 @@ def _read_stl10(root: Path, split: str, fetch: Fetch | None) -> Arrays:
         x_path, y_path = folder / f"{part}_X.bin", folder / f"{part}_y.bin"
         if not x_path.is_file() or not y_path.is_file():
             raise missing("stl10", root, f"stl10_binary/{part}_X.bin and {part}_y.bin")
-        raw = np.fromfile(x_path, dtype=np.uint8)
         labels = np.fromfile(y_path, dtype=np.uint8).astype(np.int64) - 1
-        if raw.size != len(labels) * 3 * 96 * 96:
-            raise CDCError(f"{x_path}: size does not match {len(labels)} 96x96 RGB images")
+        if labels.size and not 0 <= labels.min() <= labels.max() < 10:
+            raise CDCError(
+                f"{y_path}: labels {labels.min() + 1}..{labels.max() + 1} outside 1..10 "
+                "(STL-10's classes)"
+            )
+        size, expected = x_path.stat().st_size, len(labels) * 3 * 96 * 96
+        if size != expected:
+            raise CDCError(
+                f"{x_path}: {size} bytes, not the {expected} of the {len(labels)} 96x96 RGB "
+                f"images that {y_path.name} labels"
+            )
+        raw = np.fromfile(x_path, dtype=np.uint8)
         # The binary stores each image column-major: N x C x W x H.
         parts[part] = (raw.reshape(-1, 3, 96, 96).transpose(0, 1, 3, 2), labels)
     images, labels = _pick_split(parts, split)
     names_file = folder / "class_names.txt"
-    class_names = names_file.read_text().split() if names_file.is_file() else None
+    names = (
+        names_file.read_bytes().decode("utf-8", "replace").split() if names_file.is_file() else []
+    )
+    class_names = names if len(names) == 10 else None
     return np.ascontiguousarray(images), labels, class_names
 
 
@@ -255,7 +275,9 @@ def read_image_folder(path: Path, size: int | Sequence[int] | None = None) -> Ar
     """
     from collections import Counter
 
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
+
+    from cdc_serve.preprocess import open_image
 
     if not path.is_dir():
         raise CDCError(f"image folder {path} does not exist or is not a folder")
@@ -271,14 +293,7 @@ def read_image_folder(path: Path, size: int | Sequence[int] | None = None) -> Ar
         entries = [(f, -1) for f in sorted(path.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
     if not entries:
         raise CDCError(f"image folder {path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    pictures = []
-    for file, _ in entries:
-        try:
-            with Image.open(file) as im:
-                im.load()
-                pictures.append(im.copy())
-        except (OSError, UnidentifiedImageError) as exc:
-            raise CDCError(f"{file}: not a readable image ({exc})") from None
+    pictures = [open_image(file) for file, _ in entries]  # CDCError naming a bad file
     gray = all(p.mode in ("1", "L", "I", "I;16", "F") for p in pictures)
     mode = "L" if gray else "RGB"
     if size is None:
@@ -286,10 +301,13 @@ def read_image_folder(path: Path, size: int | Sequence[int] | None = None) -> Ar
     else:
         h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     arrays = []
-    for p in pictures:
-        p = p.convert(mode)
-        if p.size != (w, h):
-            p = p.resize((w, h), Image.BILINEAR)
+    for (file, _), p in zip(entries, pictures, strict=True):
+        try:
+            p = p.convert(mode)
+            if p.size != (w, h):
+                p = p.resize((w, h), Image.BILINEAR)
+        except (ValueError, OSError) as exc:  # a mode Pillow cannot convert
+            raise CDCError(f"{file}: cannot convert image mode {p.mode!r} ({exc})") from None
         a = np.asarray(p, dtype=np.uint8)
         arrays.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
     images = np.stack(arrays)
@@ -432,3 +450,94 @@ def read_dataset(
         class_names=class_names,
     )
     return data if keep_classes is None else only_classes(data, keep_classes)
+
+
+# ----------------------------------------------------------------------------------------------
+# Label files: `file,label` CSV rows
+# ----------------------------------------------------------------------------------------------
+
+_LABEL = re.compile(r"\+?[0-9]{1,18}")  # an integer >= 0 that fits int64
+
+
+def parse_label(text: str) -> int | None:
+    """The integer >= 0 that ``text`` spells (digits only, optional ``+``), else None."""
+    text = text.strip()
+    return int(text) if _LABEL.fullmatch(text) else None
+
+
+def read_csv_rows(path: str | os.PathLike) -> list[tuple[int, list[str]]]:
+    """The non-blank rows of a UTF-8 CSV file as ``(line number, stripped fields)``.
+
+    CDCError, naming the file, when it is missing, not UTF-8 text or not CSV.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CDCError(f"{path}: no such labels file")
+    rows = []
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            reader = csv.reader(f)
+            for fields in reader:
+                if any(c.strip() for c in fields):
+                    rows.append((reader.line_num, [c.strip() for c in fields]))
+    except UnicodeDecodeError as exc:
+        raise CDCError(
+            f"{path}: not a UTF-8 text file (byte {exc.start}: {exc.reason}); write the labels "
+            "as plain CSV text"
+        ) from None
+    except (csv.Error, OSError) as exc:
+        raise CDCError(f"{path}: cannot read it as CSV ({exc})") from None
+    return rows
+
+
+def _source_key(source: str | os.PathLike) -> str:
+    """A file name as the label file and the image list both spell it (``./a\\b`` = ``a/b``)."""
+    return Path(os.path.normpath(str(source).strip().replace("\\", "/"))).as_posix()
+
+
+def read_label_csv(path: str | os.PathLike, sources: Sequence[str | os.PathLike]) -> np.ndarray:
+    """One label per source, in the order of ``sources``, from ``file,label`` CSV rows.
+
+    The file has one row per image (an optional first header row such as ``file,label``);
+    ``file`` is spelt as in ``sources`` (e.g. paths relative to the image folder) and
+    ``label`` is an integer >= 0. A row with another number of fields, a label that is not
+    such an integer, a file that is not among ``sources`` or is listed twice, and a
+    source with no row each raise one CDCError naming the file and the line (or source).
+    """
+    path = Path(path)
+    index = {_source_key(s): i for i, s in enumerate(sources)}
+    rows = read_csv_rows(path)
+    head = rows[0][1] if rows else []
+    if len(head) == 2 and parse_label(head[1]) is None and _source_key(head[0]) not in index:
+        rows = rows[1:]  # a header row
+    labels = np.full(len(sources), -1, dtype=np.int64)
+    first_line: dict[str, int] = {}
+    for line, fields in rows:
+        where = f"{path}, line {line}"
+        if len(fields) != 2:
+            shown = ",".join(fields)
+            raise CDCError(
+                f"{where}: expected two fields `file,label`, got {len(fields)}: {shown[:80]!r}"
+            )
+        name, text = fields
+        value, key = parse_label(text), _source_key(name)
+        if value is None:
+            raise CDCError(f"{where}: label {text[:40]!r} of {name[:80]!r} is not an integer >= 0")
+        if key not in index:
+            raise CDCError(
+                f"{where}: {name[:80]!r} is not one of the {len(index)} images (a row too many, "
+                "or a name spelt otherwise than the image's path)"
+            )
+        if key in first_line:
+            raise CDCError(
+                f"{where}: {name[:80]!r} is listed again (first on line {first_line[key]})"
+            )
+        first_line[key] = line
+        labels[index[key]] = value
+    missing = np.flatnonzero(labels < 0)
+    if missing.size:
+        raise CDCError(
+            f"{path}: no row for {missing.size} of the {len(labels)} images, e.g. "
+            f"{str(sources[missing[0]])!r}; give every image one `file,label` row"
+        )
+    return labels

@@ -2,7 +2,7 @@
 
 Works on a trained ``model.pth`` (both heads are evaluated) or on an exported model
 (the calibration head, through onnxruntime). Writes ``metrics.json`` (the schema of
-training's metrics.json, plus an ``ood`` section; :func:`cdc_serve.metrics.write_metrics`),
+training's metrics.json, plus an ``ood`` section; :func:`cdc_serve.metrics_json.write_metrics`),
 a reliability diagram and a confidence histogram per head, and returns a :class:`Report`
 whose ``format()`` is the printed table.
 
@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from cdc_serve import CDCError, metrics, ood, plots
+from cdc_serve import CDCError, metrics, metrics_json, ood, plots
 from cdc_serve.contract import EMBEDDING, PROBS
 
-METRIC_KEYS = metrics.HEAD_KEYS
+METRIC_KEYS = metrics_json.HEAD_KEYS
 
 
 @dataclass
@@ -39,7 +39,7 @@ class Report:
     files: list[Path] = field(default_factory=list)
 
     def to_json(self) -> dict:
-        return metrics.metrics_document(
+        return metrics_json.metrics_document(
             self.dataset, self.split, self.n, self.heads, self.ood, self.ood_dataset
         )
 
@@ -123,7 +123,7 @@ def evaluate(
             }
             for name in s_in
         }
-    path = metrics.write_metrics(out / metrics.METRICS_FILE, report.to_json())
+    path = metrics_json.write_metrics(out / metrics_json.METRICS_FILE, report.to_json())
     report.files.insert(0, path)
     return report
 
@@ -194,12 +194,10 @@ class _OnnxRunner:
         return _load_numpy(name, split, data_root, self.channels, self.input_size)
 
     def run(self, images: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
-        from cdc_serve.preprocess import normalise
-
         probs, embedding = [], []
         for start in range(0, len(images), batch_size):
             result = self.client.predict_arrays(
-                normalise(images[start : start + batch_size], self.client.meta)
+                self.client.model_input(images[start : start + batch_size]), (PROBS, EMBEDDING)
             )
             probs.append(result[PROBS])
             embedding.append(result[EMBEDDING])

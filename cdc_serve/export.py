@@ -1,13 +1,16 @@
 """Export a trained ``model.pth`` to ONNX (or TensorRT) inside a Triton model repository.
 
-The inference graph is ``input -> backbone -> calibration head -> softmax`` with two
-outputs, ``probs`` (the calibrated probabilities, CDC paper Sec. 3.4 "Final
-Prediction") and ``embedding`` (the backbone feature, used by the OOD scores). The
-clustering head is not exported.
+The network ``backbone -> calibration head -> softmax`` (``probs``, the calibrated
+probabilities, CDC paper Sec. 3.4 "Final Prediction", and ``embedding``, the backbone
+feature) is traced to ONNX and wrapped by :mod:`cdc_serve.served_graph` into the served
+graph: uint8 images in, normalised inside, and per image ``cluster_id``,
+``confidence``, ``ood_score`` (the model's default OOD score), ``ood``, ``probs`` and
+``embedding`` out (metadata ``format_version`` 2). The clustering head is not exported.
 
-Nothing is written as done before it is verified: the ONNX checker, then
-onnxruntime against PyTorch on a real batch of the training data set (max abs
-difference of ``probs`` must be <= 1e-5 in float32).
+Nothing is written before every output is verified on a real batch of the training
+data set: onnxruntime against PyTorch for ``probs``, ``embedding``, ``confidence`` and
+``cluster_id``, against the numpy OOD code for ``ood_score`` and ``ood`` (floats within
+1e-5, ids and flags equal).
 
 The torch side (tracing, comparing with PyTorch) lives in
 ``cdc_serve_training.onnx_export``, imported only when an export runs: ``cdc_serve``
@@ -22,7 +25,7 @@ from pathlib import Path
 
 from cdc_serve import CDCError, __version__
 from cdc_serve.choices import ExportFormat, TritonBackend, values
-from cdc_serve.contract import INPUT_NAME, ONNX_FILE, PLAN_FILE
+from cdc_serve.contract import DEFAULT_REJECT_BELOW, INPUT_NAME, ONNX_FILE, PLAN_FILE
 
 PROBS_TOLERANCE = 1e-5
 FORMATS = values(ExportFormat)
@@ -37,18 +40,25 @@ class ExportResult:
     model_file: Path
     backend: str
     fmt: str
-    max_abs_diff: float
+    diffs: dict[str, float]  # output -> max difference found by the verification
     verify_batch: int
     verify_source: str
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def max_abs_diff(self) -> float:
+        """The largest ``probs`` difference between onnxruntime and PyTorch."""
+        return self.diffs["probs"]
+
     def summary(self) -> str:
+        checked = ", ".join(f"{k} {v:.1e}" for k, v in self.diffs.items())
         lines = [
             f"exported {self.fmt} ({self.backend} backend) -> {self.version_dir}",
             f"  model file: {self.model_file} ({self.model_file.stat().st_size / 1e6:.2f} MB)",
             f"  verified on {self.verify_batch} images ({self.verify_source}): "
             f"max |probs_onnxruntime - probs_torch| = {self.max_abs_diff:.2e} "
             f"(tolerance {PROBS_TOLERANCE:.0e})",
+            f"  every output checked (max difference; cluster_id and ood equal): {checked}",
         ]
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
@@ -66,8 +76,15 @@ def export_model(
     trt_accelerator: bool = False,
     data_root: Path | str | None = None,
     verify_batch: int = 64,
+    reject_below: float = DEFAULT_REJECT_BELOW,
+    instance_kind: str = "auto",
 ) -> ExportResult:
-    """Export ``model_path`` into the Triton repository ``out`` as a new version of ``name``."""
+    """Export ``model_path`` into the Triton repository ``out`` as a new version of ``name``.
+
+    ``reject_below`` is the model's default reject threshold (in ``cdc_meta.json`` and the
+    config parameters; clients may pick another). ``instance_kind`` is ``auto`` (Triton's
+    ``KIND_AUTO``: the serving machine decides), ``KIND_CPU`` or ``KIND_GPU``.
+    """
     model_path = Path(model_path)
     if fmt not in FORMATS:
         raise CDCError(f"unknown --format {fmt!r}: choose one of {', '.join(FORMATS)}")
@@ -84,29 +101,29 @@ def export_model(
     if fmt == "tensorrt":
         _require_tensorrt()
 
+    if not 0.0 <= reject_below <= 1.0:
+        raise CDCError(f"--reject-below must lie in [0, 1], got {reject_below}")
+    from cdc_serve.triton import resolve_instance_kind
+
+    resolve_instance_kind(instance_kind, "tensorrt" if fmt == "tensorrt" else backend)
+
     from cdc_serve_training.checkpoint import load_model
-    from cdc_serve_training.onnx_export import (
-        export_onnx,
-        inference_module,
-        verification_batch,
-        verify_onnx,
-    )
+    from cdc_serve_training.onnx_export import inference_module, verification_batch
 
     model, info = load_model(model_path)
     inference = inference_module(model)
-    batch, source = verification_batch(info, data_root, verify_batch)
+    images, source = verification_batch(info, data_root, verify_batch)
+    meta = build_meta(info, name=name, embedding_dim=int(inference.embedding_dim))
+    meta.reject_below = float(reject_below)
 
     with tempfile.TemporaryDirectory(prefix="cdc-export-") as tmp:
         onnx_path = Path(tmp) / ONNX_FILE
-        export_onnx(inference, batch, onnx_path)
-        max_diff = verify_onnx(inference, batch, onnx_path, tolerance=PROBS_TOLERANCE)
+        diffs = _served_onnx(inference, images, meta, onnx_path)
         model_file = onnx_path
-        notes: list[str] = []
         if fmt == "tensorrt":
             model_file = build_tensorrt_plan(
                 onnx_path, Path(tmp) / PLAN_FILE, info=info, max_batch=max_batch, fp16=fp16
             )
-        meta = build_meta(info, name=name, embedding_dim=int(inference.embedding_dim))
         from cdc_serve.triton import add_model_version
 
         backend_kind = "tensorrt" if fmt == "tensorrt" else backend
@@ -114,32 +131,48 @@ def export_model(
             Path(out),
             name,
             model_file,
-            meta,
+            meta.to_dict(),
             backend=backend_kind,
             max_batch=max_batch,
             trt_accelerator=trt_accelerator,
             fp16=fp16,
+            instance_kind=instance_kind,
         )
-    final_file = version_dir / (PLAN_FILE if fmt == "tensorrt" else ONNX_FILE)
+    notes: list[str] = []
     if backend == "onnxruntime" and fmt == "onnx":
         notes.append(
-            "onnxruntime_onnx needs NVIDIA's Triton container; for the pip-installed "
-            "server export with --backend python (see docs/DEPLOY.md)"
+            "configured for Triton's onnxruntime backend (NVIDIA's containers); `cdc-serve "
+            "serve` runs it on the pip-installed tritonserver through the Python backend"
         )
     return ExportResult(
         version_dir=version_dir,
-        model_file=final_file,
+        model_file=version_dir / (PLAN_FILE if fmt == "tensorrt" else ONNX_FILE),
         backend=backend_kind,
         fmt=fmt,
-        max_abs_diff=max_diff,
-        verify_batch=int(batch.shape[0]),
+        diffs=diffs,
+        verify_batch=int(images.shape[0]),
         verify_source=source,
         notes=notes,
     )
 
 
-def build_meta(info: dict, *, name: str, embedding_dim: int) -> dict:
-    """The metadata that travels with the model (``cdc_meta.json`` and config parameters)."""
+def _served_onnx(inference, images, meta, path: Path) -> dict[str, float]:
+    """Trace the core graph, wrap it into the served graph at ``path``, verify every output."""
+    import onnx
+
+    from cdc_serve.preprocess import normalise
+    from cdc_serve.served_graph import serving_graph
+    from cdc_serve_training.onnx_export import export_onnx, verify_onnx
+
+    core = path.with_name("core.onnx")
+    export_onnx(inference, normalise(images, meta), core)
+    onnx.save(serving_graph(onnx.load(str(core)), meta), str(path))
+    return verify_onnx(inference, images, path, meta, tolerance=PROBS_TOLERANCE)
+
+
+def build_meta(info: dict, *, name: str, embedding_dim: int):
+    """The metadata that travels with the model (``cdc_meta.json`` and config parameters),
+    a :class:`cdc_serve.modelmeta.ModelMeta` of the current format."""
     from cdc_serve.modelmeta import ModelMeta
 
     pre, arch = info["preprocess"], info["arch"]
@@ -158,7 +191,7 @@ def build_meta(info: dict, *, name: str, embedding_dim: int) -> dict:
         dataset=str(info.get("dataset", "")),
         project_version=__version__,
     )
-    return meta.to_dict()
+    return meta
 
 
 def _require_tensorrt():

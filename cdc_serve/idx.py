@@ -11,6 +11,7 @@ gzip stream) raises :class:`cdc_serve.CDCError` naming the file.
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import struct
 import zlib
@@ -33,6 +34,8 @@ _CODES: dict[str, int] = {dt.str.lstrip("<>|="): code for code, dt in _DTYPES.it
 
 # A sanity limit on one dimension, so a corrupt header cannot ask for absurd memory.
 _MAX_DIM = 1 << 31
+# ... and on their product (zeros counted as ones): 2^48 elements, far beyond any real file.
+_MAX_ELEMENTS = 1 << 48
 
 
 def _open(path: Path, mode: str):
@@ -68,9 +71,16 @@ def read_header(path: str | os.PathLike) -> tuple[np.dtype, tuple[int, ...], int
     except (OSError, EOFError, zlib.error) as exc:
         raise CDCError(f"{path}: cannot read IDX file ({exc})") from None
     shape = struct.unpack(f">{ndim}I", raw)
-    if any(d >= _MAX_DIM for d in shape):
+    # numpy cannot even shape an empty array whose other dimensions multiply past 2^63
+    if any(d >= _MAX_DIM for d in shape) or math.prod(max(d, 1) for d in shape) > _MAX_ELEMENTS:
         raise CDCError(f"{path}: implausible IDX dimensions {shape}")
     return _DTYPES[code], tuple(int(d) for d in shape), 4 + 4 * ndim
+
+
+def _nbytes(shape: tuple[int, ...], dtype: np.dtype) -> int:
+    """The bytes ``shape`` of ``dtype`` take, in Python ints: a header of 4 x 65536 images
+    would wrap numpy's int64 product to 0 and look like an empty, complete file."""
+    return math.prod(shape) * dtype.itemsize
 
 
 def _read_at_most(f, size: int, chunk: int = 1 << 24) -> bytes:
@@ -96,7 +106,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     if not path.is_file():
         raise CDCError(f"{path}: no such IDX file")
     dtype, shape, header = read_header(path)
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = _nbytes(shape, dtype)
     try:
         with _open(path, "rb") as f:
             f.read(header)
@@ -143,13 +153,13 @@ def read_idx_rows(path: str | os.PathLike, start: int, stop: int) -> np.ndarray:
     start, stop = max(0, start), min(stop, n)
     if stop <= start:
         return np.empty((0, *shape[1:]), dtype=dtype.newbyteorder("="))
-    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+    row_bytes = _nbytes(shape[1:], dtype)
     want = (stop - start) * row_bytes
     try:
         with _open(path, "rb") as f:
             f.seek(header + start * row_bytes)
             data = _read_at_most(f, want)
-    except (OSError, EOFError, zlib.error) as exc:
+    except (OSError, EOFError, zlib.error, OverflowError) as exc:
         raise CDCError(f"{path}: cannot read IDX file ({exc})") from None
     if len(data) != want:
         raise CDCError(f"{path}: IDX file truncated: rows {start}:{stop} of {n} are missing")
@@ -163,7 +173,7 @@ def check_idx(path: str | os.PathLike, chunk: int = 1 << 22) -> tuple[np.dtype, 
     if not path.is_file():
         raise CDCError(f"{path}: no such IDX file")
     dtype, shape, header = read_header(path)
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = _nbytes(shape, dtype)
     if path.name.endswith(".gz"):
         found = 0
         try:
@@ -189,7 +199,7 @@ def iter_idx_blocks(path: str | os.PathLike, block: int = 1024):
     """Yield ``(start, rows)`` blocks of the first dimension, reading the file once, in order."""
     path = Path(path)
     dtype, shape, header = read_header(path)
-    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+    row_bytes = _nbytes(shape[1:], dtype)
     try:
         with _open(path, "rb") as f:
             f.read(header)

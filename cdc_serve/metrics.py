@@ -31,10 +31,7 @@ home too, at the end of this module: :func:`metrics_document` shapes it and
 
 from __future__ import annotations
 
-import json
 import math
-import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -540,51 +537,3 @@ def json_ready(values):
     if isinstance(values, float) and math.isnan(values):
         return None
     return values
-
-
-# --------------------------------------------------------------------------- metrics.json
-
-METRICS_FILE = "metrics.json"
-#: The keys of a head in metrics.json (:func:`evaluate_probs`), in the printed order.
-HEAD_KEYS = ("acc", "nmi", "ari", "ece", "auroc", "aurc", "fpr95")
-#: The K-means baseline row has no probabilities of its own to reject failures with.
-KMEANS_KEYS = ("acc", "nmi", "ari", "ece")
-
-
-def metrics_document(
-    dataset: str,
-    split: str,
-    n: int,
-    heads: dict[str, dict[str, float]],
-    ood: dict[str, dict[str, float]] | None = None,
-    ood_dataset: str | None = None,
-) -> dict[str, Any]:
-    """The ``metrics.json`` document (fractions in [0, 1])::
-
-        {"dataset": str, "split": str, "n": int,
-         "heads": {head: {metric: float}},                     # kmeans, clu, cal
-         "ood": {"dataset": str, "scores": {score: {"auroc": float, "fpr95": float}}}}
-
-    ``ood`` (from ``cdc-serve evaluate --ood-dataset``) is left out when empty.
-    """
-    document: dict[str, Any] = {
-        "dataset": dataset,
-        "split": split,
-        "n": int(n),
-        "heads": {head: {k: float(v) for k, v in values.items()} for head, values in heads.items()},
-    }
-    if ood:
-        document["ood"] = {"dataset": ood_dataset, "scores": ood}
-    return document
-
-
-def write_metrics(path: str | os.PathLike, document: dict[str, Any]) -> Path:
-    """Write ``document`` as ``metrics.json`` at ``path`` (a file, or a folder to put it in).
-
-    NaN values (undefined AUROC / FPR95) become ``null``: JSON has no NaN.
-    """
-    path = Path(path)
-    if path.is_dir():
-        path = path / METRICS_FILE
-    path.write_text(json.dumps(json_ready(document), indent=2) + "\n", encoding="utf-8")
-    return path

@@ -23,6 +23,8 @@ from typing import Any
 from cdc_serve import CDCError, __version__
 from cdc_serve.choices import Method, values
 from cdc_serve.contract import (
+    DEFAULT_REJECT_BELOW,
+    FLOAT_INPUT_FORMAT_VERSION,
     INPUT_NAME,
     META_FILE,
     META_FORMAT,
@@ -47,6 +49,11 @@ class ModelMeta:
 
     ``ood`` is the output of :func:`cdc_serve.ood.fit_ood` (may be empty: then only
     scores needing no fitted parameters are available and no image is flagged).
+    ``format_version`` says what the graph beside it takes and gives
+    (:mod:`cdc_serve.contract`): 2, uint8 images and the per-image answer computed in
+    the graph; 1 (exports made before), normalised float32 and ``probs``/``embedding``
+    only. ``reject_below`` is the model's default reject threshold (callers may pick
+    another per request).
     """
 
     name: str
@@ -62,6 +69,7 @@ class ModelMeta:
     outputs: tuple[str, str] = OUTPUT_NAMES
     ood: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    reject_below: float = DEFAULT_REJECT_BELOW
     dataset: str = ""
     created: str = field(default_factory=_now)
     project_version: str = __version__
@@ -73,7 +81,14 @@ class ModelMeta:
         self.outputs = tuple(str(v) for v in self.outputs)  # type: ignore[assignment]
         self.mean = [float(v) for v in self.mean]
         self.std = [float(v) for v in self.std]
+        self.reject_below = float(self.reject_below)
         self.validate()
+
+    @property
+    def scores_in_graph(self) -> bool:
+        """True when the graph takes uint8 images and gives cluster_id, confidence, ood_score
+        and ood itself (format 2); False for the previous format (float input)."""
+        return self.format_version > FLOAT_INPUT_FORMAT_VERSION
 
     # -- validation ---------------------------------------------------------------
 
@@ -112,6 +127,10 @@ class ModelMeta:
         if len(self.outputs) != 2:
             raise CDCError(
                 f"model metadata: outputs must be (probs, embedding), got {self.outputs}"
+            )
+        if not 0.0 <= self.reject_below <= 1.0:
+            raise CDCError(
+                f"model metadata: reject_below must lie in [0, 1], got {self.reject_below}"
             )
         if not isinstance(self.ood, dict) or not isinstance(self.metrics, dict):
             raise CDCError("model metadata: ood and metrics must be JSON objects")
@@ -156,7 +175,7 @@ class ModelMeta:
             meta = cls(**{k: v for k, v in data.items() if k in known})
         except CDCError as exc:
             raise CDCError(f"{source}: {str(exc).removeprefix('model metadata: ')}") from None
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError) as exc:  # e.g. float(10**400), int(inf)
             raise CDCError(f"{source}: invalid field ({exc})") from None
         return meta
 
@@ -166,6 +185,8 @@ class ModelMeta:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise CDCError(f"{source}: not valid JSON ({exc})") from None
+        except RecursionError:
+            raise CDCError(f"{source}: not metadata (JSON nested too deep)") from None
         return cls.from_dict(data, source)
 
     @classmethod

@@ -98,18 +98,38 @@ def prototype_score(embedding: np.ndarray, prototypes: np.ndarray) -> np.ndarray
     return 1.0 - (_l2_normalise(embedding) @ prototypes.T).max(axis=1)
 
 
+def symmetric_precision(precision: np.ndarray) -> np.ndarray:
+    """The stored (float32) precision matrix made exactly symmetric, in float64."""
+    p = np.asarray(precision, dtype=np.float64)
+    return (p + p.T) / 2
+
+
+def mahalanobis_factor(precision: np.ndarray) -> np.ndarray:
+    """``L`` with ``L @ L.T`` = the symmetric precision (float64; negative rounding noise in
+    its eigenvalues clipped to 0): ``d(z, mu)^2 = |(z - mu) @ L|^2``, the form the served
+    graph computes (:mod:`cdc_serve.served_graph`)."""
+    values, vectors = np.linalg.eigh(symmetric_precision(precision))
+    return vectors * np.sqrt(np.clip(values, 0.0, None))[None, :]
+
+
 def mahalanobis_score(
     embedding: np.ndarray, means: np.ndarray, precision: np.ndarray, chunk: int = 4096
 ) -> np.ndarray:
-    """Smallest squared Mahalanobis distance of the normalised embedding to a cluster mean."""
-    z = _l2_normalise(embedding)
+    """Smallest squared Mahalanobis distance of the normalised embedding to a cluster mean.
+
+    Computed in float64 (the distances are large differences of large terms) and
+    returned as float32; the served graph computes the same in float64 too.
+    """
+    e = np.asarray(embedding, dtype=np.float64)
+    z = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+    p, mu = symmetric_precision(precision), np.asarray(means, dtype=np.float64)
     # d(z, mu)^2 = z'Pz - 2 z'P mu + mu'P mu, computed for all clusters at once.
-    pm = means @ precision  # (C, D)
-    mpm = np.einsum("cd,cd->c", pm, means)
+    pm = mu @ p  # (C, D)
+    mpm = np.einsum("cd,cd->c", pm, mu)
     out = np.empty(len(z), dtype=np.float32)
     for i in range(0, len(z), chunk):
         zc = z[i : i + chunk]
-        zpz = np.einsum("nd,nd->n", zc @ precision, zc)
+        zpz = np.einsum("nd,nd->n", zc @ p, zc)
         out[i : i + chunk] = (zpz[:, None] - 2 * zc @ pm.T + mpm[None, :]).min(axis=1)
     return out
 
@@ -271,23 +291,37 @@ class OODScorer:
     def __init__(self, params: dict[str, Any] | None, score: str | None = None) -> None:
         params = params or {}
         self.params = params
-        self._scorers = _scorers(params)
-        fitted = params.get("scores", {})
-        self.name = score or params.get("default") or "msp"
-        if self.name not in self._scorers:
+        try:  # the parameters come from a file (cdc_meta.json): any shape of JSON
+            self._scorers = _scorers(params)
+            fitted = params.get("scores", {})
+            self.name = score or params.get("default") or "msp"
+            known = self.name in self._scorers
+            # Without a fitted threshold nothing is flagged (threshold = +inf).
+            self.threshold = (
+                float(fitted.get(self.name, {}).get("threshold", np.inf)) if known else np.inf
+            )
+        except (AttributeError, KeyError, TypeError, ValueError, OverflowError) as exc:
+            raise CDCError(
+                f"OOD parameters: malformed ({type(exc).__name__}: {exc}); export the model again"
+            ) from None
+        if not known:
             raise CDCError(
                 f"OOD score {self.name!r} is not available for this model "
                 f"(available: {', '.join(sorted(self._scorers))})"
             )
-        # Without a fitted threshold nothing is flagged (threshold = +inf).
-        self.threshold = float(fitted.get(self.name, {}).get("threshold", np.inf))
 
     @property
     def available(self) -> list[str]:
         return sorted(self._scorers)
 
     def score(self, embedding: np.ndarray, probs: np.ndarray) -> np.ndarray:
-        return self._scorers[self.name](embedding, probs).astype(np.float32)
+        try:
+            return self._scorers[self.name](embedding, probs).astype(np.float32)
+        except ValueError as exc:  # fitted arrays of another width than the model's outputs
+            raise CDCError(
+                f"OOD score {self.name!r}: the fitted parameters do not fit the model's outputs "
+                f"({exc}); export the model again"
+            ) from None
 
     def flags(self, embedding: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(ood flags, scores)`` for a batch."""

@@ -20,9 +20,10 @@ is renamed to ``output`` (an atomic replace). ``resume=True`` reads the rows alr
 in ``<output>.partial`` (or a finished ``output``), skips those sources and appends
 the rest, so the final file has every input exactly once.
 
-Unreadable inputs become rows with ``error`` (the run goes on). When the Triton server
-stays unreachable after the client's retries, the run stops with a CDCError that
-names the partial file; ``--resume`` completes it.
+Unreadable inputs become rows with ``error`` (the run goes on), and so do the images of
+a request the server refuses (a wrong datatype or shape: Triton's reason, one line, in
+``error``). When the Triton server stays unreachable after the client's retries, the
+run stops with a CDCError that names the partial file; ``--resume`` completes it.
 
 Output columns: ``source, cluster_id, confidence, rejected, ood, ood_score, error``
 (CSV with a header, or one JSON object per line for ``.jsonl``): the file format is
@@ -45,6 +46,7 @@ import numpy as np
 from cdc_serve import CDCError
 from cdc_serve.client import Client, Prediction
 from cdc_serve.idx import check_idx, is_idx, iter_idx_blocks, read_idx
+from cdc_serve.npy import read_npy
 from cdc_serve.predict_output import COLUMNS, RowWriter, format_of, read_done
 from cdc_serve.predict_summary import Summary, Tally
 from cdc_serve.preprocess import (
@@ -55,6 +57,7 @@ from cdc_serve.preprocess import (
     float_scale,
     load_image,
 )
+from cdc_serve.transport import RequestRejected
 
 __all__ = ["COLUMNS", "Item", "Summary", "iter_items", "predict", "read_labels"]
 
@@ -102,10 +105,7 @@ def _array_items(path: Path, meta: Any) -> Iterator[Item]:
     channels, size = meta.channels, tuple(meta.input_size)
     try:
         if path.suffix.lower() == ".npy":
-            try:
-                array = np.load(path, mmap_mode="r", allow_pickle=False)
-            except Exception as exc:  # noqa: BLE001  ValueError, OSError, pickle refusals ...
-                raise CDCError(f"{path}: cannot read .npy file ({exc})") from None
+            array = read_npy(path)  # memory-mapped; never unpickles
             layout = array_layout(array.shape, batched=True)
             if array.dtype.kind not in "uifb":
                 raise CDCError(f"{path}: unsupported array dtype {array.dtype}")
@@ -182,20 +182,18 @@ def _check_inputs(inputs: Sequence[Path]) -> None:
 
 
 def read_labels(path: Path) -> np.ndarray:
-    """Labels aligned with the inputs: a 1-D IDX or ``.npy`` integer array."""
+    """Labels aligned with the inputs: a 1-D IDX or ``.npy`` array of integers >= 0."""
     path = Path(path)
     if not path.is_file():
         raise CDCError(f"{path}: labels file not found")
-    if path.suffix.lower() == ".npy":
-        try:
-            labels = np.load(path, allow_pickle=False)
-        except Exception as exc:  # noqa: BLE001
-            raise CDCError(f"{path}: cannot read labels ({exc})") from None
-    else:
-        labels = read_idx(path)
+    labels = np.array(read_npy(path)) if path.suffix.lower() == ".npy" else read_idx(path)
     if labels.ndim != 1 or labels.dtype.kind not in "iu":
         raise CDCError(
             f"{path}: labels must be a 1-D integer array, got {labels.dtype} {labels.shape}"
+        )
+    if labels.size and (labels.min() < 0 or labels.max() > np.iinfo(np.int64).max):
+        raise CDCError(
+            f"{path}: labels must be integers >= 0, found {labels.min()}..{labels.max()}"
         )
     return labels.astype(np.int64)
 
@@ -232,7 +230,12 @@ def _score_chunk(client: Client, items: list[Item], pool: ThreadPoolExecutor) ->
     ]
     good = [i for i, x in enumerate(loaded) if not isinstance(x, str)]
     if good:
-        scores = client.score_images(np.stack([loaded[i] for i in good]))
+        try:
+            scores = client.score_images(np.stack([loaded[i] for i in good]))
+        except RequestRejected as exc:  # the server's one-line reason on each row; go on
+            for i in good:
+                predictions[i].error = str(exc)
+            return predictions
         for j, i in enumerate(good):
             scores.fill(predictions[i], j)
     return predictions
@@ -244,7 +247,7 @@ def predict(
     url: str | None = None,
     protocol: str = "http",
     model_name: str = "cdc",
-    reject_below: float = 0.8,
+    reject_below: float | None = None,
     batch_size: int = 256,
     output: Path | None = None,
     ood_score: str | None = None,

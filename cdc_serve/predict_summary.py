@@ -37,6 +37,7 @@ class Summary:
     output: str | None = None
     model: str = ""
     seconds: float = 0.0
+    first_error: str | None = None  # the first error row's message
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -76,7 +77,8 @@ class Summary:
         lines = [
             f"scored {self.n} inputs with {self.model} in {self.seconds:.1f} s{rate}"
             + (f" ({self.n_resumed} from the earlier run)" if self.n_resumed else ""),
-            f"  errors (unreadable inputs): {self.n_errors}",
+            f"  errors (unreadable inputs, refused requests): {self.n_errors}"
+            + (f"; first: {self.first_error}" if self.first_error else ""),
             f"  rejected (confidence < {self.reject_below:g}): {self.n_rejected} ({pct(self.share_rejected)})",
             f"  flagged OOD ({self.ood_score_name}): {self.n_ood} ({pct(self.share_ood)})",
             "",
@@ -112,9 +114,12 @@ class Tally:
         self.confidence = array("f")
         self.rejected = array("b")
         self.ood = array("b")
+        self.first_error: str | None = None
 
     def add(self, p: Prediction) -> None:
         ok = p.error is None and p.cluster_id is not None
+        if p.error and self.first_error is None:
+            self.first_error = p.error
         self.cluster.append(p.cluster_id if ok else -1)  # type: ignore[arg-type]
         self.confidence.append(p.confidence if ok else float("nan"))  # type: ignore[arg-type]
         self.rejected.append(bool(p.rejected) if ok else False)
@@ -128,6 +133,7 @@ class Tally:
         accepted = valid & ~rejected
         summary.n = len(cluster)
         summary.n_errors = int((~valid).sum())
+        summary.first_error = self.first_error
         summary.n_rejected = int(rejected.sum())
         summary.n_ood = int(np.asarray(self.ood, dtype=bool).sum())
         if accepted.any():

@@ -17,7 +17,10 @@ things to run a Python-backend model, which :func:`find_tritonserver` arranges:
 :class:`TritonServer` starts the binary on free (or given) ports bound to 127.0.0.1,
 waits for ``/v2/health/ready`` and stops it with SIGTERM (SIGKILL after a grace period,
 then it removes the Python backend's ``/dev/shm`` regions that a killed stub leaves).
-:func:`serve_forever` is ``cdc-serve serve``.
+A model that fails to load is reported as one line per model (Triton's reason), not as
+the server's log. With ``model_control="explicit"`` every model is loaded at start and
+:meth:`TritonServer.load_model` (re)loads one through the repository API: how
+``cdc-serve serve --poll`` picks up new versions (:mod:`cdc_serve.serve_command`).
 """
 
 from __future__ import annotations
@@ -26,8 +29,10 @@ import contextlib
 import hashlib
 import importlib.util
 import ipaddress
+import json
 import os
 import platform
+import re
 import shutil
 import signal
 import socket
@@ -48,6 +53,8 @@ from cdc_serve.contract import CONFIG_FILE
 from cdc_serve.triton import gpu_visible, list_models
 
 LOG_TAIL_LINES = 40
+MODEL_CONTROL = ("none", "explicit")
+_LOAD_FAILURE = re.compile(r"failed to load '([^']+)' version (\d+): (.*?)(?:\\n|\"?$)", re.M)
 
 
 # ----------------------------------------------------------------------------- the binary
@@ -262,7 +269,11 @@ class TritonServer:
         startup_timeout: float = 120.0,
         extra_args: Sequence[str] = (),
         binary: TritonBinary | None = None,
+        model_control: str = "none",
     ) -> None:
+        if model_control not in MODEL_CONTROL:
+            raise CDCError(f"model_control must be one of {MODEL_CONTROL}, not {model_control!r}")
+        self.model_control = model_control
         self.repository = Path(repository).resolve()
         self.host = host
         self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
@@ -315,7 +326,8 @@ class TritonServer:
             f"--grpc-port={self.grpc_port}",
             f"--metrics-address={self.host}",
             f"--metrics-port={self.metrics_port}",
-            "--model-control-mode=none",
+            f"--model-control-mode={self.model_control}",
+            *(["--load-model=*"] if self.model_control == "explicit" else []),
             "--disable-auto-complete-config",  # the config.pbtxt is the whole truth
             "--strict-readiness=true",
             "--exit-on-error=true",
@@ -409,7 +421,7 @@ class TritonServer:
             if code is not None:
                 raise CDCError(
                     f"tritonserver exited with status {code} before it was ready "
-                    f"(repository {self.repository}); its log ends with:\n{self.log_tail()}"
+                    f"(repository {self.repository}): {self._why()}"
                 )
             if self.is_ready():
                 self.start_seconds = time.monotonic() - self._started_at
@@ -422,6 +434,40 @@ class TritonServer:
                     f"(repository {self.repository}); its log ends with:\n{tail}"
                 )
             time.sleep(0.1)
+
+    def load_failures(self) -> list[str]:
+        """One line per model version Triton failed to load, with its reason, from the log."""
+        return [
+            f"model {name!r} version {version}: {reason.strip()}"
+            for name, version, reason in _LOAD_FAILURE.findall(self.log())
+        ]
+
+    def _why(self) -> str:
+        failures = self.load_failures()
+        if failures:
+            return f"{'; '.join(failures)} (the whole log: {self.log_path})"
+        return f"its log ends with:\n{self.log_tail()}"
+
+    def load_model(self, name: str, timeout: float = 600.0) -> None:
+        """(Re)load model ``name`` through the repository API (``model_control="explicit"``).
+
+        Triton loads the new versions while the old ones keep serving, then unloads the old
+        ones once their requests are done. CDCError with Triton's reason if it fails (the
+        versions loaded before stay served)."""
+        url = f"http://{self.http_url}/v2/repository/models/{name}/load"
+        request = urllib.request.Request(url, data=b"{}", method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=timeout):
+                return
+        except urllib.error.HTTPError as exc:
+            try:
+                reason = json.loads(exc.read().decode("utf-8", "replace")).get("error", "")
+            except (ValueError, AttributeError):
+                reason = str(exc)
+        except (urllib.error.URLError, OSError) as exc:
+            reason = str(exc)
+        first_line = str(reason).replace("\\n", "\n").split("\n")[0]  # not the traceback
+        raise CDCError(f"Triton could not load model {name!r}: {first_line.strip(' ;')[:500]}")
 
     def _lost_port_race(self) -> bool:
         auto = 0 in self._requested_ports.values()
@@ -513,67 +559,3 @@ def _reap(process: subprocess.Popen, regions: Iterable[Path] = ()) -> None:
     for path in regions:
         with contextlib.suppress(OSError):
             path.unlink(missing_ok=True)
-
-
-# ----------------------------------------------------------------------------- cdc-serve serve
-
-
-class _Terminate(Exception):
-    """Raised in the main thread when SIGTERM arrives."""
-
-
-def serve_forever(
-    repository: Path,
-    host: str = "127.0.0.1",
-    http_port: int = 8000,
-    grpc_port: int = 8001,
-    metrics_port: int = 8002,
-    startup_timeout: float = 300.0,
-) -> int | None:
-    """``cdc-serve serve``: start Triton, print its URLs, run until Ctrl-C or SIGTERM."""
-    repository = Path(repository)
-    models = check_repository(repository)
-    binary = find_tritonserver()
-    server = TritonServer(
-        repository,
-        host=host,
-        http_port=http_port,
-        grpc_port=grpc_port,
-        metrics_port=metrics_port,
-        startup_timeout=startup_timeout,
-        binary=binary,
-    )
-
-    def on_sigterm(signum, frame):
-        raise _Terminate()
-
-    # Both handlers are installed explicitly: a shell that starts a job in the background
-    # leaves SIGINT ignored, and Python then raises no KeyboardInterrupt on Ctrl-C.
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
-    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        print(f"starting {binary.path} ({binary.source}) on {repository}", flush=True)
-        server.start()
-        server.wait_ready()
-        print(f"Triton ready in {server.start_seconds:.1f} s", flush=True)
-        print(f"  HTTP:    http://{server.http_url}", flush=True)
-        print(f"  gRPC:    {server.grpc_url}", flush=True)
-        print(f"  metrics: {server.metrics_url}", flush=True)
-        print(f"  log:     {server.log_path}", flush=True)
-        print(f"  models:  {', '.join(models)}", flush=True)
-        print("Ctrl-C (or SIGTERM) stops the server.", flush=True)
-        while server.process.poll() is None:
-            time.sleep(0.5)
-        raise CDCError(
-            f"tritonserver stopped by itself (status {server.process.returncode}); "
-            f"its log ends with:\n{server.log_tail()}"
-        )
-    except (KeyboardInterrupt, _Terminate):
-        print("stopping Triton ...", flush=True)
-        code = server.stop()
-        print(f"stopped (status {code})", flush=True)
-        return code
-    finally:
-        server.stop()
-        signal.signal(signal.SIGTERM, previous)
-        signal.signal(signal.SIGINT, previous_int)

@@ -10,7 +10,8 @@ model (docs/BENCHMARKS.md, section 1).
 
 :class:`SharedInput` is one such region, owned by one client thread (one request in
 flight at a time). :func:`is_loopback` decides whether ``shared_memory="auto"`` uses it.
-Outputs still come back in the response: they are small (probabilities and embedding).
+Outputs still come back in the response: they are small (the per-image answer and the
+probabilities; the embedding only when a client asks for it).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from cdc_serve.choices import SharedMemory, values
 from cdc_serve.contract import INPUT_NAME
 
 MODES = values(SharedMemory)
+DATATYPES = {"uint8": "UINT8", "float32": "FP32"}  # what a client sends, as Triton names it
 SHM_DIR = "/dev/shm"  # where Linux keeps POSIX shared-memory objects
 _LOOPBACK = {"127.0.0.1", "localhost", "::1", "ip6-localhost"}
 
@@ -93,11 +95,15 @@ class SharedInput:
             raise
 
     def input(self, x: np.ndarray, name: str = INPUT_NAME):
-        """Copy the float32 batch ``x`` into the region; the ``InferInput`` that points at it."""
+        """Copy the batch ``x`` (uint8 images, or float32 for exports of the previous format)
+        into the region; the ``InferInput`` that points at it."""
         if x.nbytes > self.nbytes:
             raise CDCError(f"{x.nbytes} bytes do not fit the {self.nbytes}-byte region {self.key}")
         self._shm.set_shared_memory_region(self.handle, [x])
-        inp = self.module.InferInput(name, list(x.shape), "FP32")
+        datatype = DATATYPES.get(str(x.dtype))
+        if datatype is None:
+            raise CDCError(f"shared memory carries uint8 or float32 batches, not {x.dtype}")
+        inp = self.module.InferInput(name, list(x.shape), datatype)
         inp.set_shared_memory(self.name, x.nbytes)
         return inp
 

@@ -1,9 +1,11 @@
 """How a :class:`cdc_serve.client.Client` runs a batch: the ``local``, ``http`` and ``grpc`` protocols.
 
-A runner takes normalised float32 ``N x C x H x W`` batches and returns the model's two
-outputs ``(probs, embedding)``, under the tensor names of the model's metadata
+A runner takes a batch of the model's input as is (uint8 images ``N x C x H x W`` for
+current exports, normalised float32 for the previous format) and the names of the
+outputs wanted, and returns them as a ``{name: array}`` dict; per-image outputs come
+back with shape ``[N]``. The tensor names are the model metadata's
 (``ModelMeta.input_name`` and ``ModelMeta.outputs``, by default those of
-:mod:`cdc_serve.contract`):
+:mod:`cdc_serve.contract`, plus the contract's per-image outputs of format 2):
 
 - :class:`LocalRunner` (``local``): onnxruntime in this process, on the GPU when
   onnxruntime has CUDA and one is visible, else on every usable core;
@@ -32,11 +34,26 @@ from typing import Any
 import numpy as np
 
 from cdc_serve import CDCError
-from cdc_serve.contract import INPUT_NAME, META_PARAMETER, OUTPUT_NAMES
+from cdc_serve.contract import INPUT_NAME, META_PARAMETER, SCORE_OUTPUTS
 from cdc_serve.modelmeta import ModelMeta
-from cdc_serve.shm import SharedInput, SharedMemoryUnavailable, is_loopback
+from cdc_serve.shm import DATATYPES, SharedInput, SharedMemoryUnavailable, is_loopback
 
 LOCAL_CHUNK = 1024  # images per onnxruntime call (bounds the memory of one call)
+
+
+def graph_outputs(meta: ModelMeta) -> list[str]:
+    """Every output the model's graph gives, under the metadata's names."""
+    return [*SCORE_OUTPUTS, *meta.outputs] if meta.scores_in_graph else list(meta.outputs)
+
+
+def _per_image(result: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per-image outputs as ``[N]`` (Triton returns its ``dims: [1]`` tensors as ``[N, 1]``)."""
+    return {k: v.reshape(len(v)) if k in SCORE_OUTPUTS else v for k, v in result.items()}
+
+
+class RequestRejected(CDCError):
+    """The server understood a request and refused it (a wrong datatype or shape, say):
+    retrying will not help, but other requests may still succeed."""
 
 
 def _usable_cores() -> int:
@@ -63,25 +80,27 @@ class LocalRunner:
             self.session = ort.InferenceSession(str(onnx_path), options, providers=providers)
         except Exception as exc:  # noqa: BLE001  onnxruntime raises its own exception types
             raise CDCError(f"{onnx_path}: onnxruntime cannot load the model ({exc})") from None
-        inputs = [i.name for i in self.session.get_inputs()]
+        inputs = {i.name: i.type for i in self.session.get_inputs()}
         outputs = [o.name for o in self.session.get_outputs()]
-        missing = [n for n in meta.outputs if n not in outputs]
-        if meta.input_name not in inputs or missing:
+        expected = graph_outputs(meta)
+        missing = [n for n in expected if n not in outputs]
+        want_type = "tensor(uint8)" if meta.scores_in_graph else "tensor(float)"
+        if inputs.get(meta.input_name) != want_type or missing:
             raise CDCError(
-                f"{onnx_path}: graph does not match its metadata (inputs {inputs}, outputs {outputs}; "
-                f"expected input {meta.input_name!r} and outputs {list(meta.outputs)})"
+                f"{onnx_path}: graph does not match its metadata (format_version "
+                f"{meta.format_version}; inputs {inputs}, outputs {outputs}; expected input "
+                f"{meta.input_name!r} of type {want_type} and outputs {expected})"
             )
         self.input_name = meta.input_name
-        self.outputs = list(meta.outputs)
         self.max_batch = LOCAL_CHUNK
         self.where = str(onnx_path)
 
-    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def run(self, x: np.ndarray, outputs: list[str]) -> dict[str, np.ndarray]:
         try:
-            probs, embedding = self.session.run(self.outputs, {self.input_name: x})
+            arrays = self.session.run(outputs, {self.input_name: x})
         except Exception as exc:  # noqa: BLE001
             raise CDCError(f"{self.where}: inference failed ({exc})") from None
-        return probs, embedding
+        return dict(zip(outputs, arrays, strict=True))
 
     def close(self) -> None:
         pass
@@ -130,7 +149,7 @@ class TritonRunner:
         self._shm_required = shared_memory == "system"
         self._regions: list[SharedInput] = []
         self._regions_lock = threading.Lock()
-        self.input_name, self.outputs = INPUT_NAME, list(OUTPUT_NAMES)  # until bind(meta)
+        self.input_name = INPUT_NAME  # until bind(meta)
 
         client = self._client()
         try:
@@ -223,18 +242,29 @@ class TritonRunner:
         return ModelMeta.from_dict(data, source=source)
 
     def bind(self, meta: ModelMeta) -> None:
-        """Ask for the tensors ``meta`` names, once checked against the server's configuration."""
-        inputs = [t.get("name") for t in self.config.get("input") or []]
+        """Use the tensors ``meta`` names, once checked against the server's configuration
+        (names, the input's data type and shape)."""
+        inputs = {t.get("name"): t for t in self.config.get("input") or []}
         outputs = [t.get("name") for t in self.config.get("output") or []]
-        missing = [n for n in meta.outputs if n not in outputs]
+        expected = graph_outputs(meta)
+        missing = [n for n in expected if n not in outputs]
         if (inputs and meta.input_name not in inputs) or (outputs and missing):
             raise CDCError(
                 f"{self.where}: model {self.model_name!r} does not match its metadata (inputs "
-                f"{inputs}, outputs {outputs}; expected input {meta.input_name!r} and outputs "
-                f"{list(meta.outputs)}): pass meta= the model's own cdc_meta.json"
+                f"{sorted(inputs)}, outputs {outputs}; expected input {meta.input_name!r} and "
+                f"outputs {expected}): pass meta= the model's own cdc_meta.json"
+            )
+        declared = inputs.get(meta.input_name, {})
+        want_type = "TYPE_UINT8" if meta.scores_in_graph else "TYPE_FP32"
+        want_dims = [meta.channels, *meta.input_size]
+        dims = [int(d) for d in declared.get("dims", want_dims)]
+        if declared.get("data_type", want_type) != want_type or dims != want_dims:
+            raise CDCError(
+                f"{self.where}: model {self.model_name!r} takes {declared.get('data_type')} "
+                f"{dims} but its metadata (format_version {meta.format_version}) says "
+                f"{want_type} {want_dims}: re-export the model or pass meta= its own cdc_meta.json"
             )
         self.input_name = meta.input_name
-        self.outputs = list(meta.outputs)
 
     # -- shared memory: one region per worker thread, registered on first use
 
@@ -273,22 +303,22 @@ class TritonRunner:
                     self._regions.remove(region)
             region.close(client)
 
-    def _infer_once(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _infer_once(self, x: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
         module, client = self.module, self._client()
         region = self._region(client, x.nbytes) if self.shared_memory else None
         if region is not None:
             inp = region.input(x, self.input_name)
         else:
-            inp = module.InferInput(self.input_name, list(x.shape), "FP32")
+            inp = module.InferInput(self.input_name, list(x.shape), DATATYPES[str(x.dtype)])
         if self.protocol == "http":
             if region is None:
                 inp.set_data_from_numpy(x, binary_data=True)
-            outputs = [module.InferRequestedOutput(n, binary_data=True) for n in self.outputs]
+            outputs = [module.InferRequestedOutput(n, binary_data=True) for n in names]
             result = client.infer(self.model_name, [inp], self.model_version, outputs=outputs)
         else:
             if region is None:
                 inp.set_data_from_numpy(x)
-            outputs = [module.InferRequestedOutput(n) for n in self.outputs]
+            outputs = [module.InferRequestedOutput(n) for n in names]
             result = client.infer(
                 self.model_name,
                 [inp],
@@ -296,18 +326,19 @@ class TritonRunner:
                 outputs=outputs,
                 client_timeout=self.timeout,
             )
-        probs_name, embedding_name = self.outputs
-        return result.as_numpy(probs_name), result.as_numpy(embedding_name)
+        return _per_image({n: result.as_numpy(n) for n in names})
 
-    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def run(self, x: np.ndarray, outputs: list[str]) -> dict[str, np.ndarray]:
         """One request, retried with exponential backoff on connection or server errors."""
         last: Exception | None = None
         for attempt in range(self.retries + 1):
             try:
-                return self._infer_once(x)
+                return self._infer_once(x, outputs)
             except Exception as exc:  # noqa: BLE001  connection errors have many types
                 if _is_client_error(exc):
-                    raise CDCError(f"{self.where}: request rejected: {_short(exc)}") from None
+                    raise RequestRejected(
+                        f"{self.where}: request rejected: {_short(exc)}"
+                    ) from None
                 last = exc
                 self._drop_client()  # a fresh connection after a server restart
                 if attempt < self.retries:

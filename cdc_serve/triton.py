@@ -18,11 +18,16 @@ Three serving variants share that layout:
   (it has the Python backend only).
 
 The model contract (tensor names, file names, version folders) is
-:mod:`cdc_serve.contract`: input ``input`` float32 ``[N, C, H, W]``, outputs ``probs``
-float32 ``[N, num_classes]`` and ``embedding`` float32 ``[N, D]``. The ``input`` and
-``output`` entries of ``config.pbtxt`` carry those names to the server and to the
-Python-backend ``model.py``, which reads them from there. A new version never replaces
-an existing one: it is written to a hidden folder first and renamed into place.
+:mod:`cdc_serve.contract`: input ``input`` uint8 ``[N, C, H, W]``, outputs
+``cluster_id`` (INT64), ``confidence``, ``ood_score`` (FP32), ``ood`` (BOOL), one value
+per image (``dims: [ 1 ]`` reshaped to the batch axis alone), ``probs`` FP32
+``[N, num_classes]`` and ``embedding`` FP32 ``[N, D]``; exports of the previous format
+(``format_version`` 1) take FP32 normalised input and give ``probs`` and ``embedding``
+only. The ``input`` and ``output`` entries of ``config.pbtxt`` carry those names and
+types to the server and to the Python-backend ``model.py``, which reads them from there.
+The instance kind is Triton's ``KIND_AUTO`` unless asked otherwise (the serving machine
+decides, not the exporting one). A new version never replaces an existing one: it is
+written to a hidden folder first and renamed into place.
 """
 
 from __future__ import annotations
@@ -41,19 +46,26 @@ from cdc_serve import CDCError
 from cdc_serve.contract import (
     CONFIG_FILE,
     EMBEDDING,
+    FLOAT_INPUT_FORMAT_VERSION,
     INPUT_NAME,
     META_FILE,
     META_FILE_PARAMETER,
+    META_FORMAT_VERSION,
     META_PARAMETER,
     ONNX_FILE,
+    OOD_SCORE_PARAMETER,
+    OOD_THRESHOLD_PARAMETER,
     OUTPUT_NAMES,
     PLAN_FILE,
     PROBS,
     PYTHON_MODEL_FILE,
+    SERVED_OUTPUTS,
+    TENSOR_TYPES,
     latest_version_dir,
     next_version,
     versions,
 )
+from cdc_serve.served_graph import onnx_shapes, served_score
 
 __all__ = [  # the layout helpers live in cdc_serve.contract; re-exported for callers here
     "CONFIG_FILE",
@@ -73,7 +85,7 @@ __all__ = [  # the layout helpers live in cdc_serve.contract; re-exported for ca
 ]
 
 BACKENDS = ("onnxruntime", "python", "tensorrt")
-INSTANCE_KINDS = ("auto", "KIND_CPU", "KIND_GPU")
+INSTANCE_KINDS = ("auto", "KIND_AUTO", "KIND_CPU", "KIND_GPU")
 
 # The file each backend loads from a version folder (Triton's default file names).
 MODEL_FILES = {"onnxruntime": ONNX_FILE, "python": ONNX_FILE, "tensorrt": PLAN_FILE}
@@ -96,7 +108,7 @@ def read_meta(path: Path) -> dict[str, Any]:
         raise CDCError(f"no model metadata: {path} does not exist")
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise CDCError(f"cannot read model metadata {path}: {exc}") from None
     if not isinstance(meta, dict):
         raise CDCError(f"model metadata {path} is not a JSON object")
@@ -134,7 +146,9 @@ def gpu_visible() -> bool:
 
 
 def resolve_instance_kind(instance_kind: str, backend: str) -> str:
-    """Turn ``"auto"`` into ``KIND_GPU`` / ``KIND_CPU`` and check the kind suits the backend."""
+    """The ``instance_group`` kind to write: ``"auto"`` is Triton's ``KIND_AUTO`` (the
+    serving machine's GPU when it has one, else its CPU), except for a TensorRT plan,
+    which runs on a GPU only. Never depends on the machine that exports."""
     if instance_kind not in INSTANCE_KINDS:
         raise CDCError(
             f"instance kind must be one of {', '.join(INSTANCE_KINDS)}, not {instance_kind!r}"
@@ -143,9 +157,7 @@ def resolve_instance_kind(instance_kind: str, backend: str) -> str:
         if instance_kind == "KIND_CPU":
             raise CDCError("a TensorRT plan runs on a GPU only: use KIND_GPU (or auto)")
         return "KIND_GPU"
-    if instance_kind == "auto":
-        return "KIND_GPU" if gpu_visible() else "KIND_CPU"
-    return instance_kind
+    return "KIND_AUTO" if instance_kind == "auto" else instance_kind
 
 
 def pbtxt_string(value: str) -> str:
@@ -181,6 +193,7 @@ def config_pbtxt(
     parameters: dict[str, str] | None = None,
     preferred_batch_sizes: list[int] | None = None,
     max_queue_delay_us: int = 100,
+    format_version: int = META_FORMAT_VERSION,
 ) -> str:
     """The text of a Triton ``config.pbtxt`` for the cdc-serve model contract.
 
@@ -188,8 +201,11 @@ def config_pbtxt(
     ``platform: "tensorrt_plan"``. The batch axis is dynamic up to ``max_batch`` and
     requests are merged by the dynamic batcher (waiting at most ``max_queue_delay_us``).
     ``trt_accelerator`` (onnxruntime only) asks ONNX Runtime to run the graph through
-    TensorRT on GPU instances, in FP16 when ``fp16``. ``parameters`` are written as
-    string parameters (the python backend's ``model.py`` and clients can read them).
+    TensorRT on GPU instances, in FP16 when ``fp16`` (Triton applies it to GPU instances
+    only). ``parameters`` are written as string parameters (the python backend's
+    ``model.py`` and clients can read them). ``format_version`` is the graph's
+    (:mod:`cdc_serve.contract`): 2 lists the uint8 input and every output, 1 the float
+    input and ``probs``/``embedding``.
     """
     if backend not in BACKENDS:
         raise CDCError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
@@ -201,6 +217,8 @@ def config_pbtxt(
         )
     _check_acceleration(backend, trt_accelerator, fp16)
     kind = resolve_instance_kind(instance_kind, backend)
+    if trt_accelerator and kind == "KIND_CPU":
+        raise CDCError("the TensorRT accelerator applies to GPU instances: not with KIND_CPU")
     preferred = sorted(set(preferred_batch_sizes or []))
     bad = [b for b in preferred if not isinstance(b, int) or not 1 <= b <= max_batch]
     if bad:
@@ -208,7 +226,7 @@ def config_pbtxt(
 
     lines = [
         *_head_lines(name, backend, max_batch),
-        *_tensor_lines(chw, num_classes, embedding_dim),
+        *_tensor_lines(chw, num_classes, embedding_dim, format_version),
         *_batching_lines(preferred, max_queue_delay_us),
         *_instance_lines(instance_count, kind),
     ]
@@ -265,21 +283,37 @@ def _head_lines(name: str, backend: str, max_batch: int) -> list[str]:
     return [f"name: {pbtxt_string(name)}", platform, f"max_batch_size: {max_batch}"]
 
 
-def _tensor_lines(chw: tuple[int, int, int], num_classes: int, embedding_dim: int) -> list[str]:
-    """The ``input`` / ``output`` entries: the contract's tensor names and shapes."""
+def _tensor_lines(
+    chw: tuple[int, int, int], num_classes: int, embedding_dim: int, format_version: int
+) -> list[str]:
+    """The ``input`` / ``output`` entries: the contract's tensor names, types and shapes.
 
-    def tensor(name: str, dims: tuple[int, ...]) -> list[str]:
-        return [
+    A per-image output (shape ``[N]`` in the graph) is ``dims: [ 1 ]`` reshaped to ``[ ]``,
+    Triton's way of writing a tensor that has the batch axis only.
+    """
+
+    def tensor(name: str, dims: tuple[int, ...], dtype: str) -> list[str]:
+        lines = [
             "  {",
             f"    name: {pbtxt_string(name)}",
-            "    data_type: TYPE_FP32",
-            f"    dims: [ {', '.join(str(d) for d in dims)} ]",
-            "  }",
+            f"    data_type: TYPE_{dtype}",
+            f"    dims: [ {', '.join(str(d) for d in dims or (1,))} ]",
         ]
+        return [*lines, "    reshape: { shape: [ ] }"] if not dims else lines
 
-    probs, embedding = tensor(PROBS, (num_classes,)), tensor(EMBEDDING, (embedding_dim,))
-    probs[-1] += ","
-    return ["input [", *tensor(INPUT_NAME, chw), "]", "output [", *probs, *embedding, "]"]
+    if format_version == FLOAT_INPUT_FORMAT_VERSION:
+        names, types = OUTPUT_NAMES, {INPUT_NAME: "FP32", PROBS: "FP32", EMBEDDING: "FP32"}
+    elif format_version == META_FORMAT_VERSION:
+        names, types = SERVED_OUTPUTS, TENSOR_TYPES
+    else:
+        raise CDCError(f"format_version must be 1 or {META_FORMAT_VERSION}, not {format_version!r}")
+    dims = {PROBS: (num_classes,), EMBEDDING: (embedding_dim,)}
+    outputs = [tensor(n, dims.get(n, ()), types[n]) + ["  }"] for n in names]
+    for block in outputs[:-1]:
+        block[-1] += ","
+    flat = [line for block in outputs for line in block]
+    inp = tensor(INPUT_NAME, chw, types[INPUT_NAME]) + ["  }"]
+    return ["input [", *inp, "]", "output [", *flat, "]"]
 
 
 def _batching_lines(preferred: list[int], max_queue_delay_us: int) -> list[str]:
@@ -332,7 +366,14 @@ def read_config(model_dir: Path):
     path = Path(model_dir) / CONFIG_FILE
     if not path.is_file():
         raise CDCError(f"{path} does not exist")
-    return parse_config(path.read_text(encoding="utf-8"))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CDCError(f"{path}: cannot read it as UTF-8 text ({exc})") from None
+    try:
+        return parse_config(text)
+    except CDCError as exc:
+        raise CDCError(f"{path}: {exc}") from None
 
 
 def meta_parameters(meta: dict[str, Any], max_len: int = 2048) -> dict[str, str]:
@@ -342,9 +383,12 @@ def meta_parameters(meta: dict[str, Any], max_len: int = 2048) -> dict[str, str]
     whole metadata always travels as one JSON string in ``cdc_meta``, which is how a
     client talking to Triton learns the preprocessing and the fitted OOD statistics.
     """
+    score, threshold = served_score(meta.get("ood") if isinstance(meta.get("ood"), dict) else {})
     params = {
         META_FILE_PARAMETER: META_FILE,
         META_PARAMETER: json.dumps(meta, sort_keys=True, separators=(",", ":"), allow_nan=False),
+        OOD_SCORE_PARAMETER: score,  # what the graph's ood_score is, and its ood threshold
+        OOD_THRESHOLD_PARAMETER: repr(threshold),
     }
     for key, value in meta.items():
         if isinstance(value, bool):
@@ -490,8 +534,9 @@ def _check_same_backend(model_dir: Path, backend: str) -> None:
 def _model_shapes(
     model_file: Path, backend: str, given: dict[str, Any], meta: dict[str, Any]
 ) -> dict[str, Any]:
-    """``num_classes``, ``input_chw``, ``embedding_dim`` from ``given``, ``meta`` and the ONNX graph."""
-    keys = ("num_classes", "input_chw", "embedding_dim")
+    """``num_classes``, ``input_chw``, ``embedding_dim``, ``format_version`` from ``given``,
+    ``meta`` and the ONNX graph (which wins; the others must agree with it)."""
+    keys = ("num_classes", "input_chw", "embedding_dim", "format_version")
     sources = []  # (where, values) to check against the graph / against each other
     explicit = {k: given[k] for k in keys if given.get(k) is not None}
     if "input_chw" in explicit:
@@ -499,7 +544,7 @@ def _model_shapes(
     sources.append(("the arguments", explicit))
     sources.append(("the metadata", _meta_shapes(meta)))
     if backend == "tensorrt":
-        found: dict[str, Any] = {}
+        found: dict[str, Any] = {"format_version": META_FORMAT_VERSION}
         for _, values in reversed(sources):  # explicit arguments win over the metadata
             found.update(values)
         missing = [k for k in keys if k not in found]
@@ -523,7 +568,7 @@ def _meta_shapes(meta: dict[str, Any]) -> dict[str, Any]:
     """The shapes the metadata states (``cdc_serve.modelmeta.ModelMeta`` field names)."""
     out: dict[str, Any] = {}
     try:
-        for key in ("num_classes", "embedding_dim"):
+        for key in ("num_classes", "embedding_dim", "format_version"):
             if meta.get(key) is not None:
                 out[key] = int(meta[key])
         if meta.get("channels") is not None and meta.get("input_size") is not None:
@@ -534,47 +579,3 @@ def _meta_shapes(meta: dict[str, Any]) -> dict[str, Any]:
             "model metadata: num_classes, embedding_dim, channels and input_size must be integers"
         ) from None
     return out
-
-
-def onnx_shapes(model_file: Path) -> dict[str, Any]:
-    """Read ``input_chw``, ``num_classes`` and ``embedding_dim`` from an ONNX model's graph.
-
-    Checks the cdc-serve contract: one float32 input ``input`` of rank 4 and float32 outputs
-    ``probs`` and ``embedding`` of rank 2, every axis but the batch axis fixed.
-    """
-    import onnx
-
-    try:
-        model = onnx.load(str(model_file), load_external_data=False)
-    except Exception as exc:  # onnx raises DecodeError, ValueError, ... on a bad file
-        raise CDCError(f"{model_file} is not a readable ONNX model: {exc}") from None
-
-    def dims(value_info) -> tuple[str, list[int | None]]:
-        tensor = value_info.type.tensor_type
-        elem = onnx.TensorProto.DataType.Name(tensor.elem_type)
-        shape = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
-        return elem, shape
-
-    inputs = {i.name: dims(i) for i in model.graph.input}
-    outputs = {o.name: dims(o) for o in model.graph.output}
-    problems = []
-    if INPUT_NAME not in inputs:
-        problems.append(f"no input named {INPUT_NAME!r} (inputs: {sorted(inputs)})")
-    for out in OUTPUT_NAMES:
-        if out not in outputs:
-            problems.append(f"no output named {out!r} (outputs: {sorted(outputs)})")
-    if problems:
-        raise CDCError(f"{model_file} does not follow the model contract: " + "; ".join(problems))
-    expect = {INPUT_NAME: (inputs[INPUT_NAME], 4), **{o: (outputs[o], 2) for o in OUTPUT_NAMES}}
-    for tensor_name, ((elem, shape), rank) in expect.items():
-        if elem != "FLOAT" or len(shape) != rank or any(d is None or d < 1 for d in shape[1:]):
-            raise CDCError(
-                f"{model_file}: {tensor_name!r} must be float32 of rank {rank} with fixed non-batch "
-                f"axes, found {elem} {shape}"
-            )
-    _, in_shape = inputs[INPUT_NAME]
-    return {
-        "num_classes": outputs[PROBS][1][1],
-        "input_chw": tuple(in_shape[1:]),
-        "embedding_dim": outputs[EMBEDDING][1][1],
-    }

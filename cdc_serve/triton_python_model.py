@@ -7,17 +7,24 @@ cdc-serve itself: it needs only numpy, onnxruntime and Triton's
 ``triton_python_backend_utils`` (which the stub provides). cdc-serve may not be
 installed where the server runs, so this file imports nothing from it.
 
-The tensor names are not written here: they come from the model configuration Triton
-hands to :meth:`TritonPythonModel.initialize` (the ``input`` and ``output`` entries of
-the ``config.pbtxt`` that :mod:`cdc_serve.triton` writes from :mod:`cdc_serve.contract`).
+The tensor names and data types are not written here: they come from the model
+configuration Triton hands to :meth:`TritonPythonModel.initialize` (the ``input`` and
+``output`` entries of the ``config.pbtxt`` that :mod:`cdc_serve.triton` writes from
+:mod:`cdc_serve.contract`): uint8 images in and the whole answer out for current
+exports, float32 in and ``probs``/``embedding`` out for exports of the previous format,
+and any model configured for onnxruntime that ``cdc-serve serve`` runs through this
+file on a server without the onnxruntime backend.
 The ONNX file is ``model.onnx`` in the version folder (``default_model_filename`` names
 this ``model.py`` for the python backend, not the graph). The onnxruntime thread count
 is the string parameter ``ort_intra_op_threads`` (else ``$CDC_ORT_THREADS``, else
-onnxruntime's default).
+onnxruntime's default); idle onnxruntime threads sleep rather than spin (they share the
+cores with the server and its clients) unless ``ort_allow_spinning`` (or
+``$CDC_ORT_SPINNING``) is ``"1"``.
 
 Every call of :meth:`TritonPythonModel.execute` gets the requests the dynamic batcher
-gathered; their input tensors are stacked into one batch, run once, and the output rows
-are split back per request.
+gathered; their input tensors are stacked into one batch, run once for the outputs they
+ask for (a client that wants no ``embedding`` is not sent one), and the output rows are
+split back per request.
 """
 
 from __future__ import annotations
@@ -30,10 +37,34 @@ import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
-# These two names are also in cdc_serve.contract (ONNX_FILE, ORT_THREADS_PARAMETER);
+# These names are also in cdc_serve.contract (ONNX_FILE, ORT_THREADS_PARAMETER,
+# ORT_SPINNING_PARAMETER);
 # this file cannot import it, and tests/serving/test_triton.py checks that they agree.
 MODEL_FILE = "model.onnx"
 THREADS_PARAMETER = "ort_intra_op_threads"
+SPINNING_PARAMETER = "ort_allow_spinning"
+
+
+NUMPY_TYPES = {  # Triton's data types that a cdc-serve model may declare
+    "TYPE_BOOL": np.bool_,
+    "TYPE_UINT8": np.uint8,
+    "TYPE_INT32": np.int32,
+    "TYPE_INT64": np.int64,
+    "TYPE_FP16": np.float16,
+    "TYPE_FP32": np.float32,
+    "TYPE_FP64": np.float64,
+}
+
+
+def tensor_types(config: dict) -> dict[str, np.dtype]:
+    """The numpy dtype of each input and output the configuration declares."""
+    types = {}
+    for t in (*config.get("input", []), *config.get("output", [])):
+        data_type = t.get("data_type", "TYPE_FP32")
+        if data_type not in NUMPY_TYPES:
+            raise ValueError(f"tensor {t.get('name')!r} has the unsupported type {data_type}")
+        types[t.get("name", "")] = np.dtype(NUMPY_TYPES[data_type])
+    return types
 
 
 def tensor_names(config: dict) -> tuple[str, list[str]]:
@@ -55,6 +86,7 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         try:
             self.input_name, self.output_names = tensor_names(config)
+            self.types = tensor_types(config)
         except ValueError as exc:
             raise pb_utils.TritonModelException(str(exc)) from None
         version_dir = Path(args["model_repository"]) / args["model_version"]
@@ -66,6 +98,11 @@ class TritonPythonModel:
         options = ort.SessionOptions()
         threads = int(params.get(THREADS_PARAMETER, os.environ.get("CDC_ORT_THREADS", "0")))
         options.intra_op_num_threads = threads
+        # idle onnxruntime threads sleep by default: they share the cores with the server
+        spinning = params.get(SPINNING_PARAMETER, os.environ.get("CDC_ORT_SPINNING", "0"))
+        options.add_session_config_entry(
+            "session.intra_op.allow_spinning", "1" if spinning == "1" else "0"
+        )
         providers: list = ["CPUExecutionProvider"]
         if args.get("model_instance_kind") == "GPU" and "CUDAExecutionProvider" in (
             ort.get_available_providers()
@@ -88,11 +125,18 @@ class TritonPythonModel:
         array = None if tensor is None else tensor.as_numpy()
         if array is None:
             return f"the request has no tensor named {self.input_name!r}"
-        if array.dtype != np.float32 or array.ndim != 4:
+        want = self.types[self.input_name]
+        if array.dtype != want or array.ndim != 4:
             return (
-                f"{self.input_name!r} must be float32 [N, C, H, W], got {array.dtype} {array.shape}"
+                f"{self.input_name!r} must be {want} [N, C, H, W], got {array.dtype} {array.shape}"
             )
         return array
+
+    def _wanted(self, request) -> list[str]:
+        """The outputs a request asks for (all of them when it names none)."""
+        asked = getattr(request, "requested_output_names", None)
+        names = set(asked()) if callable(asked) else set()
+        return [n for n in self.output_names if n in names] or list(self.output_names)
 
     def execute(self, requests: list) -> list:
         batches, errors = [], {}
@@ -101,21 +145,24 @@ class TritonPythonModel:
             if isinstance(array, str):
                 errors[i] = array
             else:
-                batches.append((i, array))
+                batches.append((i, array, self._wanted(request)))
 
         results = {}
         if batches:
-            stacked = np.concatenate([a for _, a in batches], axis=0)
+            # one run for the gathered requests, computing only the outputs they ask for
+            stacked = np.concatenate([a for _, a, _ in batches], axis=0)
+            names = [n for n in self.output_names if any(n in w for _, _, w in batches)]
             try:
-                arrays = self.session.run(self.output_names, {self.graph_input: stacked})
+                outputs = self.session.run(names, {self.graph_input: stacked})
+                arrays = dict(zip(names, outputs, strict=True))
             except Exception as exc:  # onnxruntime raises its own exception types
-                for i, _ in batches:
+                for i, _, _ in batches:
                     errors[i] = f"onnxruntime failed: {exc}"
             else:
                 start = 0
-                for i, array in batches:
+                for i, array, wanted in batches:
                     stop = start + array.shape[0]
-                    results[i] = [a[start:stop] for a in arrays]
+                    results[i] = {n: arrays[n][start:stop] for n in wanted}
                     start = stop
 
         responses = []
@@ -124,8 +171,8 @@ class TritonPythonModel:
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(errors[i])))
                 continue
             tensors = [
-                pb_utils.Tensor(name, np.ascontiguousarray(rows, dtype=np.float32))
-                for name, rows in zip(self.output_names, results[i], strict=True)
+                pb_utils.Tensor(name, np.ascontiguousarray(rows, dtype=self.types[name]))
+                for name, rows in results[i].items()
             ]
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
         return responses

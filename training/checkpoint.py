@@ -220,7 +220,10 @@ def build_model(arch: dict) -> ClusteringModel:
     missing = [k for k in ARCH_KEYS if k not in arch]
     if missing:
         raise CDCError(f"model architecture lacks {', '.join(missing)}")
-    backbone = build_backbone(arch["backbone"], int(arch["in_channels"]), tuple(arch["input_size"]))
+    backbone = build_backbone(
+        arch["backbone"], int(arch["in_channels"]), tuple(arch["input_size"]),
+        arch.get("stem", "auto"),
+    )  # fmt: skip
     if int(backbone.out_dim) != int(arch["feature_dim"]):
         raise CDCError(
             f"backbone {arch['backbone']} gives {backbone.out_dim}-d features, "
@@ -230,9 +233,11 @@ def build_model(arch: dict) -> ClusteringModel:
 
 
 def arch_of(model: ClusteringModel, backbone: str, in_channels: int, input_size) -> dict:
-    """The ``arch`` dict describing ``model``."""
+    """The ``arch`` dict describing ``model`` (``stem``: the ResNet stem, when not auto)."""
+    stem = getattr(model.backbone, "stem", "auto")
     return {
         "backbone": backbone,
+        **({"stem": stem} if stem != "auto" else {}),
         "in_channels": int(in_channels),
         "input_size": [int(s) for s in input_size],
         "feature_dim": model.feature_dim,

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from cdc_serve import CDCError
@@ -84,6 +85,16 @@ class DataConfig:
     split: str = "all"
     limit: int | None = None
     download: bool = False
+    # image folders (imagefolder:DIR)
+    input_size: tuple[int, int] | None = None  # (H, W); None: the preset's folder size
+    channels: int | None = None  # 1 or 3; None: 1 when every image is grayscale
+    num_clusters: int | None = None  # required without class sub-folders
+    strict: bool = False  # an unreadable file is an error instead of skipped
+    labels: str | None = None  # `file,label` CSV of an image folder, for evaluation only
+
+    @property
+    def is_folder(self) -> bool:
+        return self.name.startswith("imagefolder:")
 
     def validate(self) -> None:
         from cdc_serve_training.data import dataset_names, parse_class_filter
@@ -96,6 +107,21 @@ class DataConfig:
         folder = base.startswith("imagefolder:") and len(base) > len("imagefolder:")
         if base not in dataset_names() and not folder:
             raise CDCError(f"unknown dataset {self.name!r}; known: {', '.join(dataset_names())}")
+        if self.channels not in (None, 1, 3):
+            raise CDCError(f"--channels must be 1 or 3, got {self.channels}")
+        if self.input_size is not None and min(self.input_size) < 8:
+            raise CDCError(f"--input-size must be at least 8 pixels, got {self.input_size}")
+        if self.num_clusters is not None and self.num_clusters < 2:
+            raise CDCError(f"--num-clusters must be at least 2, got {self.num_clusters}")
+        if not self.is_folder and (
+            self.num_clusters or self.channels or self.input_size or self.labels
+        ):
+            raise CDCError(
+                "--num-clusters, --channels, --input-size and --labels are for "
+                "--dataset imagefolder:DIR"
+            )
+        if self.labels is not None and not Path(self.labels).is_file():
+            raise CDCError(f"--labels {self.labels}: no such file")
 
 
 @dataclass
@@ -104,9 +130,14 @@ class ModelConfig:
 
     backbone: str = "resnet34"
     hidden: int = 512  # H: Linear(D, H) -> BN -> ReLU -> Linear(H, C) in every head
+    # a torchvision state dict or a backbone.pt to start from (MoCo-v2 continues from it,
+    # or is skipped with --pretrain-epochs 0); its first convolution decides the stem
+    weights: str | None = None
 
     def validate(self) -> None:
         check_choice(self.backbone, Backbone, "backbone")
+        if self.weights is not None and not Path(self.weights).is_file():
+            raise CDCError(f"--backbone-weights {self.weights}: no such file")
         if self.hidden < 1:
             raise CDCError(f"the hidden size must be positive, got {self.hidden}")
 
@@ -266,6 +297,8 @@ class TrainConfig:
     eval_batch_size: int = 1024
     progress: bool = True
     pretrain_limit: int | None = None  # MoCo on a seeded random subset of this many images
+    # settings given on the command line, which presets.adapt_to_data leaves alone
+    set_by_user: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

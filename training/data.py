@@ -70,6 +70,8 @@ class ImageData:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     class_names: list[str] | None = None
+    sources: list[str] | None = None  # where each image came from (image folders: its file)
+    skipped: list[tuple[str, str]] | None = None  # image folders: (file, reason) left out
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
@@ -93,11 +95,12 @@ class ImageData:
 
     def subset(self, index) -> ImageData:
         """The images (and labels) at ``index`` (a slice, a list/array/tensor of ints or a mask)."""
-        if not isinstance(index, slice):
-            index = torch.as_tensor(np.asarray(index) if not torch.is_tensor(index) else index)
-            if index.dtype == torch.bool:
-                index = index.nonzero().flatten()
-            index = index.long()
+        if isinstance(index, slice):
+            index = torch.arange(len(self))[index]
+        index = torch.as_tensor(np.asarray(index) if not torch.is_tensor(index) else index)
+        if index.dtype == torch.bool:
+            index = index.nonzero().flatten()
+        index = index.long()
         return ImageData(
             images=self.images[index],
             labels=None if self.labels is None else self.labels[index],
@@ -106,6 +109,8 @@ class ImageData:
             mean=self.mean,
             std=self.std,
             class_names=self.class_names,
+            sources=None if self.sources is None else [self.sources[i] for i in index.tolist()],
+            skipped=self.skipped,
         )
 
     def preprocess(self) -> dict:
@@ -184,6 +189,7 @@ def load_dataset(
     seed: int = 0,
     *,
     size: int | Sequence[int] | None = None,
+    folder: FolderOptions | None = None,
 ) -> ImageData:
     """Load a dataset by name as an :class:`ImageData`.
 
@@ -196,6 +202,8 @@ def load_dataset(
         limit: keep a seeded random subset of this many images (in their original order).
         seed: seed of that subset.
         size: resize every image to this size (``int`` or ``(H, W)``), e.g. digits to 28.
+        folder: for ``imagefolder:PATH``, the streaming reader's options
+            (:class:`FolderOptions`: size, channels, cluster count, cache, strict).
 
     Mean and std are computed from the returned images.
     """
@@ -203,25 +211,74 @@ def load_dataset(
     parse_class_filter(name)  # a bad class list is reported before anything is read
     if limit is not None and limit <= 0:
         raise CDCError(f"limit must be a positive number of images, got {limit}")
-    data = read_dataset(
-        name, root, split, folder_size=size, fetch=_torchvision_download if download else None
-    )
-    images_t = torch.from_numpy(np.require(data.images, np.uint8, ["C", "W"]))
-    labels_t = None if data.labels is None else torch.from_numpy(data.labels)
-    if limit is not None and limit < len(images_t):
+    if name.startswith("imagefolder:") and folder is not None:
+        data = _load_folder(name, folder)
+    else:
+        arrays = read_dataset(
+            name, root, split, folder_size=size, fetch=_torchvision_download if download else None
+        )
+        data = ImageData(
+            images=torch.from_numpy(np.require(arrays.images, np.uint8, ["C", "W"])),
+            labels=None if arrays.labels is None else torch.from_numpy(arrays.labels),
+            num_classes=arrays.num_classes,
+            name=arrays.name,
+            mean=(0.0,),
+            std=(1.0,),
+            class_names=arrays.class_names,
+        )
+    if limit is not None and limit < len(data):
         generator = torch.Generator().manual_seed(seed)
-        keep = torch.randperm(len(images_t), generator=generator)[:limit].sort().values
-        images_t = images_t[keep]
-        labels_t = None if labels_t is None else labels_t[keep]
-    if size is not None:
-        images_t = resize_images(images_t, size)
-    mean, std = channel_stats(images_t)
+        data = data.subset(torch.randperm(len(data), generator=generator)[:limit].sort().values)
+    images = data.images
+    if size is not None and folder is None:
+        images = resize_images(images, size)
+    data.images = images.contiguous()  # a memory-mapped folder array stays mapped
+    data.mean, data.std = channel_stats(data.images)
+    return data
+
+
+@dataclass
+class FolderOptions:
+    """How to read an image folder (``cdc_serve.image_folder``) for training."""
+
+    size: tuple[int, int]
+    channels: int | None = None
+    num_clusters: int | None = None  # required without class sub-folders
+    cache_dir: str | None = None  # where the decoded array is kept for the next run
+    strict: bool = False
+    progress: bool = True
+    labels: str | None = None  # a `file,label` CSV (file names relative to the folder)
+
+
+def _load_folder(name: str, options: FolderOptions) -> ImageData:
+    """An image folder through the streaming reader: memory-mapped uint8 images."""
+    from cdc_serve.image_folder import read_image_folder
+
+    path = Path(name.split(":", 1)[1]).expanduser()
+    read = read_image_folder(
+        path, options.size, channels=options.channels, cache_dir=options.cache_dir,
+        strict=options.strict, progress=options.progress,
+    )  # fmt: skip
+    classes = len(read.class_names) if read.class_names else 0
+    num_classes = options.num_clusters or classes
+    labels = read.labels
+    if options.labels is not None:  # for evaluation only: every listed file, kept or skipped
+        from cdc_serve.datasets import read_label_csv
+
+        listed = read.sources + [file for file, _ in read.skipped]
+        labels = read_label_csv(options.labels, listed)[: len(read.sources)]
+    if num_classes < 1:
+        raise CDCError(
+            f"{path} has no class sub-folders: say how many clusters to find with --num-clusters K"
+        )
     return ImageData(
-        images=images_t.contiguous(),
-        labels=labels_t,
-        num_classes=data.num_classes,
-        name=data.name,
-        mean=mean,
-        std=std,
-        class_names=data.class_names,
+        images=torch.from_numpy(read.images),
+        labels=None if labels is None else torch.from_numpy(np.asarray(labels, dtype=np.int64)),
+        num_classes=num_classes,
+        name=f"imagefolder:{path}",
+        mean=(0.0,),
+        std=(1.0,),
+        class_names=read.class_names if num_classes == classes else None,
+        sources=[str(path / s) for s in read.sources],
+        skipped=read.skipped,
     )

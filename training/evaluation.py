@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cdc_serve.metrics import HEAD_KEYS, KMEANS_KEYS, metrics_document
+from cdc_serve.metrics_json import HEAD_KEYS, KMEANS_KEYS, metrics_document
 from cdc_serve_training.kmeans import kmeans
 
 __all__ = [
@@ -142,7 +142,7 @@ def kmeans_baseline(features, labels, num_classes: int, seed: int = 0) -> dict[s
 
 
 def metrics_json(dataset: str, split: str, n: int, kmeans: dict, clu: dict, cal: dict) -> dict:
-    """The metrics.json document of a training run (:func:`cdc_serve.metrics.metrics_document`)."""
+    """The metrics.json document of a training run (:func:`cdc_serve.metrics_json.metrics_document`)."""
     heads = {
         "kmeans": {k: kmeans[k] for k in KMEANS_KEYS},
         "clu": {k: clu[k] for k in HEAD_KEYS},

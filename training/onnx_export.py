@@ -1,11 +1,14 @@
-"""The torch side of ``cdc-serve export``: trace the served graph to ONNX and check it.
+"""The torch side of ``cdc-serve export``: trace the network to ONNX and check the result.
 
-The served graph is ``CalibratedInference``: ``input -> backbone -> calibration head ->
-softmax`` with outputs ``probs`` and ``embedding``, the tensor names of
-:mod:`cdc_serve.contract`. ``verify_onnx`` runs onnxruntime and PyTorch on the same real
-batch and refuses a graph whose ``probs`` differ by more than the tolerance.
-``cdc_serve.export`` orchestrates the rest (metadata, Triton repository) without
-importing torch itself.
+The traced *core* graph is ``CalibratedInference``: normalised ``input -> backbone ->
+calibration head -> softmax`` with outputs ``probs`` and ``embedding``, the tensor names
+of :mod:`cdc_serve.contract`; :func:`cdc_serve.served_graph.serving_graph` wraps it into
+the served graph (uint8 images in, the whole answer out). ``verify_onnx`` runs
+onnxruntime on the served graph and PyTorch on the same real images and refuses an
+export whose outputs differ (PyTorch for ``probs``, ``embedding``, ``confidence`` and
+``cluster_id``; the numpy OOD code of :mod:`cdc_serve.ood` for ``ood_score`` and
+``ood``). ``cdc_serve.export`` orchestrates the rest (metadata, Triton repository)
+without importing torch itself.
 """
 
 from __future__ import annotations
@@ -16,8 +19,17 @@ import numpy as np
 import torch
 
 from cdc_serve import CDCError
-from cdc_serve.contract import EMBEDDING, INPUT_NAME, OUTPUT_NAMES, PROBS
+from cdc_serve.contract import (
+    CLUSTER_ID,
+    CONFIDENCE,
+    EMBEDDING,
+    INPUT_NAME,
+    OUTPUT_NAMES,
+    PROBS,
+    SERVED_OUTPUTS,
+)
 from cdc_serve.preprocess import normalise_with
+from cdc_serve.served_graph import check_scores
 from cdc_serve_training.heads import CalibratedInference
 
 OPSET = 17
@@ -31,7 +43,7 @@ def inference_module(model):
 
 
 def verification_batch(info: dict, data_root, n: int) -> tuple[np.ndarray, str]:
-    """A real, normalised batch from the model's own data set (random data if it is absent)."""
+    """Real uint8 images from the model's own data set (random images if it is absent)."""
     pre = info["preprocess"]
     channels, (h, w) = int(pre["channels"]), pre["input_size"]
     try:
@@ -51,11 +63,12 @@ def verification_batch(info: dict, data_root, n: int) -> tuple[np.ndarray, str]:
         rng = np.random.default_rng(0)
         images = rng.integers(0, 256, size=(n, channels, h, w)).astype(np.uint8)
         source = "random images (the training data set was not found)"
-    return normalise_with(images, pre["mean"], pre["std"]), source
+    return np.ascontiguousarray(images, dtype=np.uint8), source
 
 
 def export_onnx(inference, batch: np.ndarray, path: Path) -> Path:
-    """Trace ``inference`` to ONNX with a dynamic batch axis and run the ONNX checker."""
+    """Trace ``inference`` (the core graph) to ONNX with a dynamic batch axis and run the
+    ONNX checker; ``batch`` is a normalised float32 example."""
     import onnx
 
     example = torch.from_numpy(batch[:2])
@@ -86,20 +99,51 @@ def export_onnx(inference, batch: np.ndarray, path: Path) -> Path:
     return path
 
 
-def verify_onnx(inference, batch: np.ndarray, path: Path, tolerance: float = 1e-5) -> float:
-    """Max abs difference of ``probs`` between onnxruntime and PyTorch; raise above ``tolerance``."""
+def verify_onnx(
+    inference, images: np.ndarray, path: Path, meta, tolerance: float = 1e-5
+) -> dict[str, float]:
+    """Check every output of the served graph at ``path`` on the uint8 ``images``
+    (``meta``: the export's :class:`cdc_serve.modelmeta.ModelMeta`).
+
+    onnxruntime against PyTorch (on the normalised images) for ``probs``, ``embedding``
+    (relative to its largest value when that exceeds 1), ``confidence`` and
+    ``cluster_id``; against :func:`cdc_serve.served_graph.check_scores` (the numpy OOD
+    code on the graph's own outputs) for ``ood_score`` and ``ood``. Returns the largest
+    difference per float output; raises CDCError ("nothing was written") on any
+    disagreement.
+    """
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    ort_probs, ort_embedding = session.run([PROBS, EMBEDDING], {INPUT_NAME: batch})
+    arrays = session.run(list(SERVED_OUTPUTS), {INPUT_NAME: images})
+    got = dict(zip(SERVED_OUTPUTS, arrays, strict=True))
+    x = normalise_with(images, meta.mean, meta.std)
     with torch.no_grad():
-        torch_probs, torch_embedding = inference(torch.from_numpy(batch))
-    diff = float(np.max(np.abs(ort_probs - torch_probs.numpy())))
-    if not diff <= tolerance:
+        torch_probs, torch_embedding = (t.numpy() for t in inference(torch.from_numpy(x)))
+    scale = max(1.0, float(np.abs(torch_embedding).max(initial=0.0)))
+    diffs = {
+        PROBS: _max_abs(got[PROBS], torch_probs),
+        EMBEDDING: _max_abs(got[EMBEDDING], torch_embedding) / scale,
+        CONFIDENCE: _max_abs(got[CONFIDENCE], torch_probs.max(axis=1)),
+    }
+    top2 = np.sort(torch_probs, axis=1)[:, -2:]
+    decided = (top2[:, 1] - top2[:, 0]) > tolerance
+    if (got[CLUSTER_ID] != torch_probs.argmax(axis=1))[decided].any():
+        diffs[CLUSTER_ID] = float("inf")
+    try:
+        bad = [f"{k} differs by {v:.3e}" for k, v in diffs.items() if not v <= tolerance]
+        if bad:
+            raise CDCError(f"{', '.join(bad)} (tolerance {tolerance:.0e})")
+        diffs["ood_score"] = check_scores(got, meta, tolerance)
+    except CDCError as exc:
         raise CDCError(
-            f"the exported graph disagrees with PyTorch: max |probs difference| = {diff:.3e} "
-            f"> {tolerance:.0e}; nothing was written"
-        )
-    if ort_embedding.shape != tuple(torch_embedding.shape):
-        raise CDCError("the exported embedding has the wrong shape; nothing was written")
-    return diff
+            f"the exported graph disagrees with PyTorch and the numpy OOD code: {exc}; "
+            "nothing was written"
+        ) from None
+    return diffs
+
+
+def _max_abs(a: np.ndarray, b: np.ndarray) -> float:
+    if a.shape != b.shape:
+        return float("inf")
+    return float(np.max(np.abs(a.astype(np.float64) - b), initial=0.0))

@@ -24,6 +24,8 @@ number of images is refused with one error naming what changed.
 
 from __future__ import annotations
 
+import csv
+import dataclasses
 import json
 import random
 import sys
@@ -35,7 +37,12 @@ import numpy as np
 import torch
 
 from cdc_serve import CDCError
-from cdc_serve.metrics import METRICS_FILE, write_metrics
+from cdc_serve.metrics_json import (
+    METRICS_FILE,
+    label_free_summary,
+    metrics_document,
+    write_metrics,
+)
 from cdc_serve_training.checkpoint import (
     arch_of,
     fingerprint,
@@ -88,10 +95,37 @@ def make_augmenter(config: TrainConfig, data):
 # ----------------------------------------------------------------------------------------------
 
 
+def _initial_backbone(config: TrainConfig, data) -> torch.nn.Module:
+    """The backbone before MoCo-v2: random, or the ``--backbone-weights`` file's weights.
+
+    The weights' first convolution decides the ResNet stem (7x7: torchvision's ImageNet
+    stem, kept whatever the input size); ``backbone.stem`` records it for ``model.pth``.
+    """
+    from cdc_serve_training.backbones import build_backbone, load_weights, read_weights
+    from cdc_serve_training.backbones import weights_stem as stem_of
+
+    name, path = config.model.backbone, config.model.weights
+    if path is None:
+        backbone = build_backbone(name, data.channels, data.size)
+        backbone.stem = "auto"
+        return backbone
+    weights, saved_name = read_weights(path)
+    if saved_name is not None and saved_name != name:
+        raise CDCError(
+            f"{path} holds a {saved_name} backbone; train it with --backbone {saved_name}"
+        )
+    stem = "auto" if name == "smallcnn" else stem_of(weights)
+    backbone = build_backbone(name, data.channels, data.size, stem)
+    load_weights(backbone, weights, path)
+    backbone.stem = stem
+    return backbone
+
+
 def backbone_fingerprint(config: TrainConfig, n_images: int) -> dict:
     """What ``backbone.pt`` must agree with to be reused (MoCo's epochs may grow)."""
     settings = {
         "backbone": config.model.backbone,
+        "weights": config.model.weights,
         "moco": asdict(config.moco),
         "augment": asdict(config.augment),
         "pretrain_limit": config.pretrain_limit,
@@ -109,18 +143,18 @@ def pretrained_backbone(
     ``pretrain.ckpt``). ``config.moco.epochs == 0`` keeps the random initialisation.
     Returns the backbone on ``device`` in eval mode.
     """
-    from cdc_serve_training.backbones import build_backbone
     from cdc_serve_training.moco import pretrain_moco
 
     out = Path(config.out)
     torch.manual_seed(config.seed)
-    backbone = build_backbone(config.model.backbone, data.channels, data.size)
+    backbone = _initial_backbone(config, data)
     done, stage = out / "backbone.pt", backbone_fingerprint(config, len(data))
     state = load_stage(done, stage) if resume else None
     if state is not None and state["epoch"] == config.moco.epochs:
         backbone.load_state_dict(state["state_dict"])
         _log(f"pretrain: reusing {done}", config.progress)
         return backbone.to(device).eval()
+    stem = backbone.stem
     if config.moco.epochs > 0:
         pretrain_data = data
         if config.pretrain_limit is not None and config.pretrain_limit < len(data):
@@ -139,6 +173,7 @@ def pretrained_backbone(
             progress=config.progress,
             amp=config.amp and device.type == "cuda",
         )
+    backbone.stem = stem
     save_stage(
         done,
         stage,
@@ -179,18 +214,71 @@ class Run:
 
 
 def stage_data(run: Run) -> None:
-    """1. The images, checked against the configuration."""
-    from cdc_serve_training.data import load_dataset
+    """1. The images, checked against the configuration (an image folder: before decoding).
+
+    Small data sets get smaller batches (``presets.adapt_to_data``, printed). An image
+    folder is read by the streaming reader into ``out/images-<key>.npy`` (memory-mapped,
+    reused by the next run on the same files); its unreadable files are skipped, one
+    warning line each, and listed in ``skipped.csv``.
+    """
+    from cdc_serve_training.data import FolderOptions, load_dataset
+    from cdc_serve_training.presets import adapt_to_data
 
     config, d = run.config, run.config.data
-    run.data = load_dataset(d.name, d.root, d.split, d.download, d.limit, config.seed)
+    folder = None
+    if d.is_folder:
+        folder = FolderOptions(
+            size=tuple(d.input_size), channels=d.channels, num_clusters=d.num_clusters,
+            cache_dir=str(run.out), strict=d.strict, progress=config.progress, labels=d.labels,
+        )  # fmt: skip
+        _check_folder(config, folder)
+    run.data = load_dataset(d.name, d.root, d.split, d.download, d.limit, config.seed,
+                            folder=folder)  # fmt: skip
+    for line in adapt_to_data(config, len(run.data)):
+        _log(line, config.progress)
     validate_against_data(config, len(run.data), run.data.num_classes)
+    _write_skipped(run)
     _log(
-        f"{run.data.name}: {len(run.data)} images, {run.data.num_classes} classes, "
-        f"device {run.device}",
+        f"{run.data.name}: {len(run.data)} images, {run.data.num_classes} clusters, "
+        f"{run.data.channels}x{run.data.size[0]}x{run.data.size[1]}, device {run.device}",
         config.progress,
     )
     run.augmenter = make_augmenter(config, run.data)
+
+
+def _check_folder(config: TrainConfig, folder) -> None:
+    """An image folder's count, cluster count and batch sizes, checked before any decoding."""
+    from cdc_serve.image_folder import list_images
+    from cdc_serve_training.presets import adapt_to_data
+
+    files, _, classes = list_images(Path(config.data.name.split(":", 1)[1]).expanduser())
+    num_clusters = folder.num_clusters or len(classes or [])
+    if num_clusters < 1:
+        raise CDCError(
+            f"{config.data.name} has no class sub-folders: say how many clusters to find "
+            "with --num-clusters K"
+        )
+    n = min(len(files), config.data.limit or len(files))
+    trial = dataclasses.replace(config, cdc=dataclasses.replace(config.cdc),
+                                moco=dataclasses.replace(config.moco))  # fmt: skip
+    adapt_to_data(trial, n)
+    validate_against_data(trial, n, num_clusters)
+
+
+def _write_skipped(run: Run) -> None:
+    """One warning line per skipped file, and ``skipped.csv`` (file, reason) in the run folder."""
+    skipped = run.data.skipped or []
+    path = run.out / "skipped.csv"
+    if not skipped:
+        path.unlink(missing_ok=True)
+        return
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file", "reason"])
+        writer.writerows(skipped)
+    for file, reason in skipped:
+        print(f"warning: skipped {file}: {reason}", file=sys.stderr)
+    print(f"warning: {len(skipped)} unreadable file(s) skipped, listed in {path}", file=sys.stderr)
 
 
 def stage_pretrain(run: Run) -> None:
@@ -300,13 +388,9 @@ def stage_evaluate(run: Run) -> None:
             head_metrics(data.labels, run.result["clu_probs"]),
             head_metrics(data.labels, run.result["cal_probs"]),
         )
-    else:
-        run.metrics = {
-            "dataset": data.name,
-            "split": config.data.split,
-            "n": len(data),
-            "heads": {},
-        }
+    else:  # no labels: what the model says about itself (label_free, below) is all there is
+        run.metrics = metrics_document(data.name, config.data.split, len(data), heads={})
+    run.metrics["label_free"] = label_free_summary(run.result["cal_probs"])
     run.ood = fit_ood(run.result["features"], run.result["cal_probs"])
 
 
@@ -325,6 +409,21 @@ def stage_save(run: Run) -> None:
         ood=run.ood,
     )
     write_metrics(run.out / METRICS_FILE, run.metrics)
+    _write_assignments(run)
+
+
+def _write_assignments(run: Run) -> None:
+    """``assignments.csv``: per training image, in the data set's order, its cluster and
+    calibrated confidence (and its true label when known)."""
+    data, probs = run.data, np.asarray(run.result["cal_probs"])
+    sources = data.sources or [f"{data.name}[{i}]" for i in range(len(data))]
+    labels = None if data.labels is None else data.labels.tolist()
+    with open(run.out / "assignments.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["source", "cluster_id", "confidence"] + (["label"] if labels else []))
+        for i, (cluster, confidence) in enumerate(zip(probs.argmax(1), probs.max(1), strict=True)):
+            row = [sources[i], int(cluster), f"{float(confidence):.6f}"]
+            writer.writerow(row + ([labels[i]] if labels else []))
 
 
 STAGES = {

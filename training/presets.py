@@ -164,6 +164,11 @@ def _paper_preset() -> dict[str, Any]:
 
 _PRESETS = {"quick": _quick_preset, "paper": _paper_preset}
 
+# The input size of an image folder's images unless --input-size says otherwise: small
+# for the CPU preset, the STL-10 size for the paper's ResNet (never the images' own size:
+# 12-MP photos would not fit a training batch).
+FOLDER_INPUT_SIZE = {"quick": 32, "paper": 96}
+
 
 def _scale_for_limit(cdc: CDCConfig, limit: int) -> None:
     """Small --limit runs: shrink B (and B_s, K with it) so that a few batches fit."""
@@ -199,6 +204,15 @@ def make_config(
     seed: int = 0,
     limit: int | None = None,
     download: bool = False,
+    num_clusters: int | None = None,
+    input_size: tuple[int, int] | None = None,
+    channels: int | None = None,
+    strict: bool = False,
+    batch_size: int | None = None,
+    sub_batch_size: int | None = None,
+    mini_clusters: int | None = None,
+    backbone_weights: str | None = None,
+    labels: str | None = None,
 ) -> TrainConfig:
     """The configuration of one training run (what ``cdc-serve train`` builds); validated.
 
@@ -208,7 +222,19 @@ def make_config(
     check_choice(method, Method, "method")
     settings = _PRESETS[preset]()
     config = TrainConfig(
-        data=DataConfig(name=dataset, root=data_root, split=split, limit=limit, download=download),
+        data=DataConfig(
+            name=dataset,
+            root=data_root,
+            split=split,
+            limit=limit,
+            download=download,
+            num_clusters=num_clusters,
+            channels=channels,
+            strict=strict,
+            labels=labels,
+            input_size=input_size
+            or ((FOLDER_INPUT_SIZE[preset],) * 2 if dataset.startswith("imagefolder:") else None),
+        ),  # fmt: skip
         model=settings["model"],
         moco=settings["moco"],
         init=settings["init"],
@@ -224,6 +250,7 @@ def make_config(
     )
     if backbone is not None:
         config.model.backbone = backbone
+    config.model.weights = backbone_weights
     if ablation is not None:
         apply_ablation(config, ablation)
     if limit is not None and limit >= 1:
@@ -232,4 +259,40 @@ def make_config(
         config.moco.epochs = pretrain_epochs
     if epochs is not None:
         (config.ruc if method == "ruc" else config.cdc).epochs = epochs
+    given = {"batch_size": batch_size, "sub_batch_size": sub_batch_size,
+             "mini_clusters": mini_clusters}  # fmt: skip
+    for key, value in given.items():
+        if value is not None:
+            setattr(config.cdc, key, value)
+            config.set_by_user.append(key)
     return config.validate()
+
+
+def adapt_to_data(config: TrainConfig, n_images: int) -> list[str]:
+    """Batch sizes for small data sets, in place; returns what changed, for the log.
+
+    The rule: when the CDC batch ``B`` is larger than half the data, ``B`` becomes half
+    the data (two batches an epoch), the sub-batch ``B_s`` keeps its share of ``B`` (half,
+    in both presets) and the mini-clusters ``K`` theirs (at least 1); MoCo-v2's batch
+    halves while it is larger than half the data (down to 8). Settings given on the
+    command line (``--batch-size``, ``--sub-batch-size``, ``--mini-clusters``) are left
+    as they are. With the quick preset, 200 images train with ``B = 100``, ``B_s = 50``,
+    ``K = 1`` and a MoCo batch of 64.
+    """
+    cdc, moco = config.cdc, config.moco
+    before = (cdc.batch_size, cdc.sub_batch_size, cdc.mini_clusters, moco.batch_size)
+    fixed = set(config.set_by_user) & {"batch_size", "sub_batch_size", "mini_clusters"}
+    if not fixed and cdc.batch_size > n_images // 2 >= 2:
+        share = cdc.batch_size // cdc.sub_batch_size
+        new = max(share, (n_images // 2) // share * share)  # a multiple of B / B_s
+        cdc.mini_clusters = max(1, round(cdc.mini_clusters * new / cdc.batch_size))
+        cdc.batch_size, cdc.sub_batch_size = new, new // share
+    while moco.batch_size > n_images // 2 and moco.batch_size >= 16:
+        moco.batch_size //= 2
+    if (cdc.batch_size, cdc.sub_batch_size, cdc.mini_clusters, moco.batch_size) == before:
+        return []
+    return [
+        f"{n_images} images: CDC batch B={cdc.batch_size}, sub-batch B_s={cdc.sub_batch_size}, "
+        f"mini-clusters K={cdc.mini_clusters}, MoCo batch {moco.batch_size} (smaller batches "
+        "for small data; set them with --batch-size, --sub-batch-size, --mini-clusters)"
+    ]

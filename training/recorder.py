@@ -103,7 +103,17 @@ def print_summary(metrics: dict, recorder: StageRecorder) -> None:
     for head, values in metrics.get("heads", {}).items():
         table.add_row(head, *(f"{100 * values[k]:.2f}" if k in values else "-" for k in keys))
     console = Console(stderr=True)
-    console.print(table)
+    if metrics.get("heads"):
+        console.print(table)
+    free = metrics.get("label_free")
+    if free:
+        console.print(
+            f"{metrics['dataset']}: {free['n']:,} images in {len(free['cluster_sizes'])} clusters "
+            f"({free['empty_clusters']} empty; sizes {free['cluster_sizes']}); estimated accuracy "
+            f"{100 * free['estimated_accuracy']:.1f} % (mean calibrated confidence), "
+            f"{100 * free['confident_share']:.1f} % of the images at or above "
+            f"{free['confident_threshold']}"
+        )
     timings = recorder.timings
     console.print(
         "time: "

@@ -8,7 +8,13 @@ import socket
 import numpy as np
 import pytest
 from PIL import Image
-from tiny_export import make_exported_model, reference_outputs, tiny_modelmeta
+from tiny_export import (
+    PREVIOUS_FORMAT,
+    make_exported_model,
+    reference_outputs,
+    tiny_modelmeta,
+    write_tiny_graph,
+)
 
 from cdc_serve import CDCError
 from cdc_serve.client import Client, Prediction
@@ -18,9 +24,13 @@ from cdc_serve.preprocess import normalise
 from cdc_serve.shm import SharedInput, SharedMemoryUnavailable, is_loopback
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_exported_model(tmp_path_factory.mktemp("repo"))
+@pytest.fixture(
+    scope="module", params=[FORMAT_VERSION, PREVIOUS_FORMAT], ids=["current", "previous"]
+)
+def model_dir(request, tmp_path_factory):
+    """An export of the current format (scores in the graph) and one of the previous format
+    (float input, scores computed by the client): every test below runs on both."""
+    return make_exported_model(tmp_path_factory.mktemp("repo"), format_version=request.param)
 
 
 @pytest.fixture(scope="module")
@@ -100,11 +110,13 @@ def test_find_model_in_triton_repository(tmp_path):
 
     from cdc_serve.triton import add_model_version
 
-    onnx_path = make_tiny_onnx(tmp_path / "src.onnx", num_classes=5, embedding_dim=6)
-    meta = tiny_modelmeta()
+    onnx_path, meta = write_tiny_graph(tmp_path / "src.onnx")
     version_dir = add_model_version(
         tmp_path / "repo", "cdc", onnx_path, meta.to_dict(), "python", 8
     )
+    previous = make_tiny_onnx(tmp_path / "v1.onnx", num_classes=5, embedding_dim=6)
+    with pytest.raises(CDCError, match="format_version=2 in the metadata disagrees"):
+        add_model_version(tmp_path / "repo", "cdc", previous, meta.to_dict(), "python", 8)
     found_onnx, found = find_model(tmp_path / "repo" / "cdc")
     assert found_onnx == version_dir / "model.onnx" and found.version == int(version_dir.name)
     with Client(model=tmp_path / "repo" / "cdc") as c:
@@ -129,16 +141,49 @@ def test_predict_matches_numpy_reference(client, model_dir):
 
 
 def test_predict_arrays(client, model_dir):
-    x = normalise(images(7, seed=1)[:, None], client.meta)
+    batch = images(7, seed=1)[:, None]
+    x = client.model_input(batch)
+    assert x.dtype == (np.uint8 if client.meta.scores_in_graph else np.float32)
     out = client.predict_arrays(x)
-    probs, emb = reference_outputs(model_dir / "1" / "model.onnx", x)
+    probs, emb = reference_outputs(model_dir / "1" / "model.onnx", normalise(batch, client.meta))
     np.testing.assert_allclose(out["probs"], probs, atol=1e-5)
     np.testing.assert_allclose(out["embedding"], emb, atol=1e-4)
-    assert client.predict_arrays(x[:0])["probs"].shape == (0, 5)
+    if client.meta.scores_in_graph:  # the graph's own answer, per image
+        assert set(out) == {"cluster_id", "confidence", "ood_score", "ood", "probs", "embedding"}
+        assert out["cluster_id"].dtype == np.int64 and out["ood"].dtype == np.bool_
+        assert out["cluster_id"].tolist() == probs.argmax(1).tolist()
+    else:
+        assert set(out) == {"probs", "embedding"}
+    empty = client.predict_arrays(x[:0])
+    assert empty["probs"].shape == (0, 5) and empty["embedding"].shape == (0, 6)
     with pytest.raises(CDCError, match="N x 1 x 8 x 8"):
-        client.predict_arrays(np.zeros((2, 3, 8, 8), np.float32))
-    with pytest.raises(CDCError, match="float"):
-        client.predict_arrays(np.zeros((2, 1, 8, 8), np.uint8))
+        client.predict_arrays(np.zeros((2, 3, 8, 8), x.dtype))
+    wrong = np.float32 if client.meta.scores_in_graph else np.uint8
+    with pytest.raises(CDCError, match="uint8 images" if wrong == np.float32 else "float"):
+        client.predict_arrays(np.zeros((2, 1, 8, 8), wrong))
+
+
+def test_current_format_reads_the_answer_from_the_graph(tmp_path):
+    """The client takes cluster_id, confidence, ood_score and ood from the graph (sending
+    uint8) and computes an OOD score only when another one than the model's is asked for."""
+    model_dir = make_exported_model(tmp_path)
+    batch = images(50, seed=9)
+    with Client(model=model_dir) as c:
+        graph = c.predict_arrays(batch[:, None])
+        preds = c.predict(batch)
+        assert c.reject_below == c.meta.reject_below == 0.8  # the model's default
+    assert [p.cluster_id for p in preds] == graph["cluster_id"].tolist()
+    assert [p.ood_score for p in preds] == graph["ood_score"].tolist()  # the very same floats
+    assert [p.ood for p in preds] == graph["ood"].tolist()
+    assert [p.rejected for p in preds] == (graph["confidence"] < 0.8).tolist()
+    flags, scores = OODScorer(c.meta.ood).flags(graph["embedding"], graph["probs"])
+    np.testing.assert_allclose(graph["ood_score"], scores, rtol=0, atol=1e-5)
+    assert graph["ood"].tolist() == flags.tolist()
+    with Client(model=model_dir, ood_score="knn", reject_below=0.3) as c:
+        other = c.predict(batch)
+    expected = OODScorer(c.meta.ood, "knn").score(graph["embedding"], graph["probs"])
+    np.testing.assert_allclose([p.ood_score for p in other], expected, atol=1e-6)
+    assert [p.rejected for p in other] == (graph["confidence"] < 0.3).tolist()
 
 
 def test_every_input_kind_gives_the_same_answer(client, tmp_path):

@@ -1,7 +1,10 @@
 """Client and predict against a real Triton server (python backend): parity and restarts.
 
 The server is the real ``tritonserver`` (the nvidia-pytriton binary or one on PATH),
-started by the ``triton_server`` fixture of conftest.py on loopback ports.
+started by the ``triton_server`` fixture of conftest.py on loopback ports. Parity is
+checked for exports of the current format (the answer computed in the graph) and of the
+previous one (float input; the client computes the answer), on 1,000 real
+Fashion-MNIST test images.
 """
 
 from __future__ import annotations
@@ -19,15 +22,17 @@ from conftest import make_tiny_onnx
 from tiny_export import (
     EMBEDDING_DIM,
     NUM_CLASSES,
+    PREVIOUS_FORMAT,
     RENAMED,
-    fitted_ood,
     make_renamed_export,
     tiny_modelmeta,
+    write_tiny_graph,
 )
 
 from cdc_serve import CDCError
 from cdc_serve.client import META_PARAMETER, Client
-from cdc_serve.modelmeta import find_model
+from cdc_serve.idx import read_idx
+from cdc_serve.modelmeta import FORMAT_VERSION, find_model
 from cdc_serve.predict import predict
 from cdc_serve.shm import SharedInput, SharedMemoryUnavailable
 from cdc_serve.triton import add_model_version, meta_parameters
@@ -35,30 +40,74 @@ from cdc_serve.triton import add_model_version, meta_parameters
 pytestmark = [pytest.mark.slow, pytest.mark.triton]
 
 MAX_BATCH = 16
+FMNIST_TEST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
 
 
-def build_repository(root: Path, with_full_meta: bool) -> Path:
+def build_repository(
+    root: Path,
+    with_full_meta: bool,
+    name: str = "cdc",
+    format_version: int = FORMAT_VERSION,
+    size: tuple[int, int] = (8, 8),
+) -> Path:
     """A Triton repository with the tiny model (python backend) and its local copy."""
-    onnx_path = make_tiny_onnx(root / "src" / "model.onnx", num_classes=NUM_CLASSES,
-                               embedding_dim=EMBEDDING_DIM, seed=7)  # fmt: skip
-    meta = tiny_modelmeta()
-    meta.ood = fitted_ood(onnx_path, meta)
+    onnx_path, meta = write_tiny_graph(root / f"src-{name}" / "model.onnx", size=size, seed=7,
+                                       format_version=format_version)  # fmt: skip
     params = meta_parameters(meta.to_dict())  # carries the whole metadata as META_PARAMETER
     assert META_PARAMETER in params
     if not with_full_meta:  # a repository written by another tool: per-field parameters only
         del params[META_PARAMETER]
-    add_model_version(root / "repo", "cdc", onnx_path, meta.to_dict(), "python", MAX_BATCH,
+    add_model_version(root / "repo", name, onnx_path, meta.to_dict(), "python", MAX_BATCH,
                       parameters=params)  # fmt: skip
     return root / "repo"
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, triton_server):
-    repo = build_repository(tmp_path_factory.mktemp("triton"), with_full_meta=True)
+    """ "cdc" (current format, 8x8), "renamed" (previous format, tensors renamed) and the
+    1x28x28 "fmnist" (current) and "fmnist_previous" (previous format) models."""
+    root = tmp_path_factory.mktemp("triton")
+    repo = build_repository(root, with_full_meta=True)
     make_renamed_export(repo)  # model "renamed": tensors not called input/probs/embedding
+    build_repository(root, True, "fmnist", size=(28, 28))
+    build_repository(root, True, "fmnist_previous", PREVIOUS_FORMAT, size=(28, 28))
     server = triton_server(repo)
     yield repo, server
     server.stop()
+
+
+def fashion_mnist(n: int) -> np.ndarray:
+    if not FMNIST_TEST.is_file():
+        pytest.skip(f"{FMNIST_TEST} is missing (apt-get install dataset-fashion-mnist)")
+    return read_idx(FMNIST_TEST)[:n]
+
+
+def assert_same_predictions(got: list, ref: list, tolerance: float = 1e-5) -> None:
+    """Ids, flags and rejections equal; confidence, ood_score and probs within ``tolerance``."""
+    for key in ("source", "error", "cluster_id", "ood", "rejected"):
+        assert [getattr(p, key) for p in got] == [getattr(p, key) for p in ref], key
+    for key in ("confidence", "ood_score", "probs"):
+        np.testing.assert_allclose([getattr(p, key) for p in got], [getattr(p, key) for p in ref],
+                                   rtol=0, atol=tolerance, err_msg=key)  # fmt: skip
+
+
+@pytest.mark.parametrize("model", ["fmnist", "fmnist_previous"])
+def test_local_http_grpc_identical_on_1000_fashion_mnist_images(served, model):
+    """The same 1,000 real test images through onnxruntime in process, HTTP and gRPC, for an
+    export of the current format and one of the previous format (float input)."""
+    repo, server = served
+    batch = fashion_mnist(1000)
+    with Client(model=repo / model) as local:
+        assert local.meta.scores_in_graph == (model == "fmnist")
+        ref = local.predict(batch, return_probs=True)
+    assert 0 < sum(p.ood for p in ref) < len(ref) and sum(p.rejected for p in ref) > 0
+    for protocol, url in (("http", server.http_url), ("grpc", server.grpc_url)):
+        for shared_memory in ("auto", "none"):
+            with Client(url=url, protocol=protocol, model_name=model,
+                        shared_memory=shared_memory) as remote:  # fmt: skip
+                assert remote.meta.format_version == local.meta.format_version
+                got = remote.predict(batch, return_probs=True)
+            assert_same_predictions(got, ref)
 
 
 def images(n: int, seed: int = 0) -> np.ndarray:
@@ -346,7 +395,7 @@ def test_full_size_ood_parameters_travel_over_both_protocols(tmp_path, triton_se
     big = fit_ood(emb, probs)
     onnx_path = make_tiny_onnx(tmp_path / "src" / "model.onnx", num_classes=NUM_CLASSES,
                                embedding_dim=EMBEDDING_DIM)  # fmt: skip
-    meta = tiny_modelmeta(ood=big)
+    meta = tiny_modelmeta(ood=big, format_version=PREVIOUS_FORMAT)  # the graph is a bare core
     text = meta.to_json()
     assert 1_000_000 < len(text) < 5_000_000
     params = {**meta_parameters(meta.to_dict()), META_PARAMETER: text}

@@ -7,11 +7,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from datafiles import fake_fmnist
+from datafiles import fake_fmnist, official_cifar, official_stl10
 from PIL import Image
 
 from cdc_serve import CDCError
-from cdc_serve.datasets import DATASETS, Dataset, parse_class_filter, read_dataset
+from cdc_serve.datasets import (
+    DATASETS,
+    Dataset,
+    parse_class_filter,
+    read_dataset,
+    read_label_csv,
+)
 
 
 def fake_cifar10(root: Path) -> Path:
@@ -99,3 +105,75 @@ def test_training_tensors_are_these_arrays(tmp_path):
             served.class_names,
         )
     assert set(DATASETS) == {"fashion-mnist", "digits", "cifar10", "cifar20", "stl10"}
+
+
+@pytest.mark.parametrize("coarse", [False, True], ids=["cifar10", "cifar100"])
+def test_official_format_cifar_folders_load(tmp_path, coarse):
+    """Files pickled as the releases are (Python 2 cPickle: byte-string keys and pixels)."""
+    wrote = official_cifar(tmp_path, coarse=coarse, n=3)
+    name, classes = ("cifar20", 20) if coarse else ("cifar10", 10)
+    full = read_dataset(name, tmp_path)
+    assert full.images.shape == ((3 + 3) if coarse else (15 + 3), 3, 32, 32)
+    assert full.num_classes == classes and full.class_names == wrote["names"]
+    for split in ("train", "test"):
+        data = read_dataset(name, tmp_path, split=split)
+        images, labels = wrote[split]
+        np.testing.assert_array_equal(data.images, images)  # R, G, B planes of 32 x 32
+        np.testing.assert_array_equal(data.labels, labels)  # coarse_labels for CIFAR-100
+
+
+def test_stl10_sizes_and_labels_are_checked(tmp_path):
+    wrote = official_stl10(tmp_path)
+    data = read_dataset("stl10", tmp_path, split="test")
+    np.testing.assert_array_equal(data.images, wrote["test"][0])
+    np.testing.assert_array_equal(data.labels, wrote["test"][1])
+    folder = tmp_path / "stl10_binary"
+    np.array([1, 11], dtype=np.uint8).tofile(folder / "test_y.bin")
+    with pytest.raises(CDCError, match=r"test_y\.bin: labels 1\.\.11 outside 1\.\.10"):
+        read_dataset("stl10", tmp_path)
+    np.array([1, 2, 3], dtype=np.uint8).tofile(folder / "test_y.bin")
+    with pytest.raises(CDCError, match=r"test_X\.bin: 55296 bytes, not the 82944 of the 3"):
+        read_dataset("stl10", tmp_path)
+
+
+SOURCES = ["a.png", "b.png", "cats/c.png"]
+
+
+def test_label_csv_in_the_order_of_the_sources(tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_text("file,label\ncats/c.png,2\n./a.png, 0\nb.png,+7\n")
+    assert read_label_csv(path, SOURCES).tolist() == [0, 7, 2]
+    path.write_text("b.png,1\r\n\r\na.png,0\r\ncats\\c.png,1\r\n")  # no header, CRLF, blank line
+    labels = read_label_csv(path, SOURCES)
+    assert labels.dtype == np.int64 and labels.tolist() == [0, 1, 1]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("a.png,0\nb.png,1\n", r"no row for 1 of the 3 images, e\.g\. 'cats/c\.png'"),
+        ("a.png,0\nb.png,1\ncats/c.png,1\nd.png,0\n", r"line 4: 'd\.png' is not one of the 3"),
+        ("a.png,0\nb.png,1\na.png,1\n", r"line 3: 'a\.png' is listed again \(first on line 1\)"),
+        ("a.png,0\nb.png,x\n", r"line 2: label 'x' of 'b\.png' is not an integer >= 0"),
+        ("a.png,0\nb.png,-1\n", r"line 2: label '-1'"),
+        ("a.png,0\nb.png,1.0\n", r"line 2: label '1\.0'"),
+        ("a.png,0\nb.png\n", r"line 2: expected two fields `file,label`, got 1"),
+        ("a.png,0,3\n", r"line 1: expected two fields"),
+        ('a.png,0\n"b.png,1\n', r"line 2: expected two fields `file,label`, got 1: 'b\.png,1'"),
+        ("", r"no row for 3 of the 3 images"),
+    ],
+)
+def test_label_csv_errors_name_the_line(tmp_path, text, message):
+    path = tmp_path / "labels.csv"
+    path.write_text(text)
+    with pytest.raises(CDCError, match=rf"labels\.csv.*{message}"):
+        read_label_csv(path, SOURCES)
+
+
+def test_label_csv_not_text(tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_bytes(b"a.png,0\n\xff\xfe\x00b.png,1\n")
+    with pytest.raises(CDCError, match=r"labels\.csv: not a UTF-8 text file"):
+        read_label_csv(path, SOURCES)
+    with pytest.raises(CDCError, match="no such labels file"):
+        read_label_csv(tmp_path / "nothing.csv", SOURCES)

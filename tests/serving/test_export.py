@@ -1,9 +1,12 @@
 """`cdc-serve export`: a model.pth -> ONNX -> Triton repository, checked against PyTorch.
 
-The slow part starts the real ``tritonserver`` (pip's nvidia-pytriton, Python backend)
-on the exported repository and checks that HTTP and gRPC (tritonclient) and a plain
-``curl`` JSON request return the same ``probs`` as onnxruntime in process and as the
-PyTorch model, within 1e-5, for batch sizes 1, 7 and the max batch.
+The exported graph takes uint8 images and gives every output (cluster_id, confidence,
+ood_score, ood, probs, embedding); each is checked on real Fashion-MNIST images against
+PyTorch and the numpy OOD code. The slow part starts the real ``tritonserver`` (pip's
+nvidia-pytriton, Python backend) on the exported repository and checks that HTTP and
+gRPC (tritonclient) and a plain ``curl`` JSON request return the same ``probs`` as
+onnxruntime in process and as the PyTorch model, within 1e-5, for batch sizes 1, 7 and
+the max batch.
 """
 
 from __future__ import annotations
@@ -15,12 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import curl_infer
+from conftest import CliServe, curl_infer
 from typer.testing import CliRunner
 
 from cdc_serve import CDCError
 from cdc_serve.cli import app
 from cdc_serve.export import export_model
+from cdc_serve.ood import OODScorer, fit_ood
 from cdc_serve_training.backbones import build_backbone
 from cdc_serve_training.checkpoint import arch_of, load_model, save_model
 from cdc_serve_training.data import load_dataset
@@ -45,6 +49,10 @@ def _save_tiny_model(path: Path, num_classes: int = 10, seed: int = 0) -> Path:
         loss.backward()
         opt.step()
     model.eval()
+    train = load_dataset("fashion-mnist", split="train", limit=500).images.float() / 255
+    with torch.no_grad():  # OOD statistics fitted on real training images, as training does
+        features, _, cal = model((train - 0.286) / 0.353)
+    ood = fit_ood(features.numpy(), cal.softmax(1).numpy(), knn_bank=50)
     return save_model(
         path,
         model,
@@ -54,7 +62,7 @@ def _save_tiny_model(path: Path, num_classes: int = 10, seed: int = 0) -> Path:
         config={"preset": "test"},
         dataset="fashion-mnist",
         metrics={},
-        ood={},
+        ood=ood,
     )
 
 
@@ -65,17 +73,22 @@ def tiny_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def real_batch() -> np.ndarray:
-    """MAX_BATCH real Fashion-MNIST test images, normalised as the model expects."""
+    """MAX_BATCH real Fashion-MNIST test images (uint8 1 x 28 x 28: what the graph takes)."""
     data = load_dataset("fashion-mnist", split="test", limit=MAX_BATCH)
-    x = data.images[:MAX_BATCH].float().numpy() / 255.0
-    return ((x - 0.286) / 0.353).astype(np.float32)
+    return data.images[:MAX_BATCH].numpy().astype(np.uint8)
 
 
-def _torch_probs(model_path: Path, x: np.ndarray) -> np.ndarray:
+def _torch_outputs(model_path: Path, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """PyTorch's ``(probs, embedding)`` for uint8 images, normalised as in training."""
     model, _ = load_model(model_path)
+    x = ((images.astype(np.float32) / 255.0 - 0.286) / 0.353).astype(np.float32)
     with torch.no_grad():
-        _, _, cal = model(torch.from_numpy(x))
-    return cal.softmax(1).numpy()
+        features, _, cal = model(torch.from_numpy(x))
+    return cal.softmax(1).numpy(), features.numpy()
+
+
+def _torch_probs(model_path: Path, images: np.ndarray) -> np.ndarray:
+    return _torch_outputs(model_path, images)[0]
 
 
 def test_export_writes_verified_versions(tiny_model, tmp_path):
@@ -97,22 +110,53 @@ def test_export_writes_verified_versions(tiny_model, tmp_path):
 
 
 def test_onnx_matches_pytorch_on_real_images(tiny_model, tmp_path, real_batch):
+    """Every output of the served graph, on real images: PyTorch for probs, embedding,
+    confidence and cluster_id; the numpy OOD code for ood_score and ood."""
     import onnxruntime as ort
 
     result = export_model(tiny_model, out=tmp_path / "repo", max_batch=MAX_BATCH)
+    assert set(result.diffs) >= {"probs", "embedding", "confidence", "ood_score"}
+    assert all(v <= TOL for v in result.diffs.values())
+    meta = json.loads((result.version_dir / "cdc_meta.json").read_text())
+    assert meta["format_version"] == 2 and meta["reject_below"] == 0.8
+    assert meta["ood"]["default"] == "mahalanobis"
     session = ort.InferenceSession(str(result.model_file), providers=["CPUExecutionProvider"])
+    assert [(i.name, i.type) for i in session.get_inputs()] == [("input", "tensor(uint8)")]
+    names = ["cluster_id", "confidence", "ood_score", "ood", "probs", "embedding"]
+    assert [o.name for o in session.get_outputs()] == names
+    scorer = OODScorer(meta["ood"])
     for n in (1, 7, MAX_BATCH):
-        (probs,) = session.run(["probs"], {"input": real_batch[:n]})
-        assert probs.shape == (n, 10)
-        np.testing.assert_allclose(
-            probs, _torch_probs(tiny_model, real_batch[:n]), atol=TOL, rtol=0
-        )
+        out = dict(zip(names, session.run(names, {"input": real_batch[:n]}), strict=True))
+        probs, embedding = _torch_outputs(tiny_model, real_batch[:n])
+        assert out["probs"].shape == (n, 10) and out["cluster_id"].dtype == np.int64
+        np.testing.assert_allclose(out["probs"], probs, atol=TOL, rtol=0)
+        np.testing.assert_allclose(out["confidence"], probs.max(1), atol=TOL, rtol=0)
+        assert out["cluster_id"].tolist() == probs.argmax(1).tolist()
+        flags, scores = scorer.flags(out["embedding"], out["probs"])
+        np.testing.assert_allclose(out["ood_score"], scores, atol=TOL, rtol=0)
+        assert out["ood"].tolist() == flags.tolist()
+
+
+def test_an_export_whose_graph_disagrees_is_refused(tiny_model, tmp_path, monkeypatch):
+    """A graph whose Mahalanobis factor is off by 1 % fails the numpy check: nothing written."""
+    import cdc_serve.served_graph as served_graph
+
+    exact = served_graph.mahalanobis_factor
+    monkeypatch.setattr(served_graph, "mahalanobis_factor", lambda p: exact(p) * 1.01)
+    with pytest.raises(
+        CDCError, match="served 'ood_score' differs from numpy.*nothing was written"
+    ):
+        export_model(tiny_model, out=tmp_path / "repo", max_batch=MAX_BATCH)
+    assert not (tmp_path / "repo").exists()
 
 
 def test_export_cli_prints_the_difference(tiny_model, tmp_path):
     result = CliRunner().invoke(app, ["export", str(tiny_model), "--out", str(tmp_path / "r")])
     assert result.exit_code == 0, result.output
     assert "max |probs_onnxruntime - probs_torch|" in result.output
+    assert "every output checked" in result.output and "ood_score" in result.output
+    config = (tmp_path / "r" / "cdc" / "config.pbtxt").read_text()
+    assert "kind: KIND_AUTO" in config and "TYPE_UINT8" in config
 
 
 # ------------------------------------------------------------------------- bad checkpoints
@@ -217,11 +261,11 @@ def test_triton_http_grpc_curl_match_onnxruntime_and_pytorch(
         expected_torch = _torch_probs(tiny_model, x)
         (expected_ort,) = session.run(["probs"], {"input": x})
 
-        inp = httpclient.InferInput("input", list(x.shape), "FP32")
+        inp = httpclient.InferInput("input", list(x.shape), "UINT8")
         inp.set_data_from_numpy(x)
         via_http = http.infer("cdc", [inp]).as_numpy("probs")
 
-        ginp = grpcclient.InferInput("input", list(x.shape), "FP32")
+        ginp = grpcclient.InferInput("input", list(x.shape), "UINT8")
         ginp.set_data_from_numpy(x)
         via_grpc = grpc.infer("cdc", [ginp]).as_numpy("probs")
 
@@ -231,3 +275,32 @@ def test_triton_http_grpc_curl_match_onnxruntime_and_pytorch(
             assert got.shape == (n, 10)
             np.testing.assert_allclose(got, expected_ort, atol=TOL, rtol=0)
             np.testing.assert_allclose(got, expected_torch, atol=TOL, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+def test_curl_gets_the_whole_answer_from_cdc_serve_serve_of_the_default_export(
+    tiny_model, tmp_path, triton_binary
+):
+    """`cdc-serve export` (no --backend: onnxruntime), `cdc-serve serve` on the pip server,
+    and a plain curl JSON request for 8 real test images: cluster_id, confidence, ood and
+    ood_score equal the local Client's on the same images."""
+    from cdc_serve.client import Client
+    from cdc_serve.idx import read_idx
+
+    repo = tmp_path / "repo"
+    done = CliRunner().invoke(app, ["export", str(tiny_model), "--out", str(repo), "--name", "fmnist"])  # fmt: skip
+    assert done.exit_code == 0, done.output
+    images = read_idx("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")[:8]
+    with Client(model=repo / "fmnist") as local:
+        expected = local.predict(images)
+    names = ("cluster_id", "confidence", "ood", "ood_score")
+    with CliServe(repo) as serve:
+        assert "fmnist: configured for the onnxruntime backend" in serve.output(), serve.output()
+        got = curl_infer(serve.http_url, "fmnist", images[:, None], outputs=names)
+    assert {k: v.shape for k, v in got.items()} == {n: (8, 1) for n in names}
+    assert got["cluster_id"].ravel().tolist() == [p.cluster_id for p in expected]
+    assert got["ood"].ravel().tolist() == [p.ood for p in expected]
+    for name in ("confidence", "ood_score"):
+        want = [getattr(p, name) for p in expected]
+        np.testing.assert_allclose(got[name].ravel(), want, rtol=0, atol=1e-5, err_msg=name)

@@ -440,7 +440,7 @@ def test_bad_rejection_and_ood_inputs_raise_cdcerror():
 def test_metrics_json_has_one_shape_and_no_nan(tmp_path):
     import json
 
-    from cdc_serve.metrics import HEAD_KEYS, metrics_document, write_metrics
+    from cdc_serve.metrics_json import HEAD_KEYS, metrics_document, write_metrics
 
     cal = {k: 0.5 for k in HEAD_KEYS} | {"auroc": float("nan")}
     doc = metrics_document("digits", "test", 7, {"cal": cal})
@@ -455,3 +455,15 @@ def test_metrics_json_has_one_shape_and_no_nan(tmp_path):
     text = path.read_text()
     assert text.endswith("}\n") and "NaN" not in text
     assert json.loads(text)["heads"]["cal"]["auroc"] is None
+
+
+def test_label_free_summary_by_hand():
+    from cdc_serve.metrics_json import label_free_summary
+
+    probs = np.array([[0.9, 0.1, 0.0], [0.7, 0.2, 0.1], [0.2, 0.8, 0.0], [0.4, 0.5, 0.1]])
+    free = label_free_summary(probs, threshold=0.8)
+    assert free["n"] == 4 and free["cluster_sizes"] == [2, 2, 0] and free["empty_clusters"] == 1
+    assert free["estimated_accuracy"] == pytest.approx((0.9 + 0.7 + 0.8 + 0.5) / 4)
+    assert free["confident_share"] == pytest.approx(0.5) and free["confident_threshold"] == 0.8
+    with pytest.raises(CDCError, match="N x C"):
+        label_free_summary(np.zeros(3))

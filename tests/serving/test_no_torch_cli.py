@@ -25,7 +25,7 @@ from datafiles import fake_fmnist
 from tiny_export import make_exported_model
 
 from cdc_serve.idx import write_idx
-from cdc_serve.metrics import HEAD_KEYS
+from cdc_serve.metrics_json import HEAD_KEYS
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BLOCKED = ("torch", "torchvision", "cdc_serve_training")

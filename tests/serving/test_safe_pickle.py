@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import codecs
 import os
 import pickle
 import re
@@ -117,3 +118,43 @@ def test_train_on_a_crafted_cifar_folder_is_one_line_and_runs_nothing(tmp_path):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "refusing to load it" in lines[0] and "data_batch_1" in lines[0]
     assert "Traceback" not in done.stderr and not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("func", "args", "refused"),
+    [
+        (np.ndarray, ((10**9,), "O"), "calls numpy.ndarray itself"),
+        (np.core.multiarray._reconstruct, (np.ndarray, (10**9,), "O"), r"shape \(1000000000,\)"),
+        (np.core.multiarray._reconstruct, (np.ndarray, (0,), "O"), "dtype object"),
+        (np.dtype, ("O",), "dtype object"),
+        (codecs.encode, ("x", "rot13"), "encodes text with 'rot13'"),
+    ],
+    ids=["ndarray", "reconstruct-big", "reconstruct-object", "dtype-object", "codec"],
+)
+def test_allowed_names_do_only_what_an_array_needs(tmp_path, func, args, refused):
+    """The numpy names a batch needs, used otherwise (a 10^9-element object array would fill
+    8 GB with None before any check): refused before they build anything."""
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(pickle.dumps({b"data": _Payload(func, *args)}, protocol=2))
+    with pytest.raises(
+        CDCError, match=rf"data_batch_1: refusing to load it: the pickle .*{refused}"
+    ):
+        load_cifar_pickle(path)
+
+
+def test_a_memo_index_costs_no_memory(tmp_path):
+    """LONG_BINPUT naming memo slot 2^31 - 1: the C unpickler grows its memo array to it
+    (16+ GB, zeroed); the one used here keeps a dict."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(b"\x80\x02}r\xff\xff\xff\x7f.")  # {} put in memo slot 0x7fffffff
+    code = (
+        "import resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))\n"
+        "from cdc_serve.safe_pickle import load_cifar_pickle\n"
+        "assert load_cifar_pickle(sys.argv[1]) == {}\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -1,7 +1,8 @@
 """A real tritonserver (the pip-installed one, python backend) serving a tiny ONNX model.
 
 HTTP and gRPC (tritonclient) and a plain curl JSON request must return what
-onnxruntime computes in-process; the server must listen on loopback only.
+onnxruntime computes in-process (uint8 images in; every output, the per-image ones as
+``[N, 1]``); the server must listen on loopback only.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-from conftest import curl_infer, make_tiny_repository
+from conftest import CliServe, curl_infer, make_tiny_repository
 
 from cdc_serve import CDCError
 from cdc_serve.serve import TritonServer, check_repository, free_port
@@ -66,13 +67,27 @@ def served(tmp_path_factory, triton_server):
     server.stop()
 
 
+OUTPUTS = ("cluster_id", "confidence", "ood_score", "ood", "probs", "embedding")
+
+
 def images(batch: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).normal(size=(batch, 1, 8, 8)).astype(np.float32)
+    return np.random.default_rng(seed).integers(0, 256, size=(batch, 1, 8, 8)).astype(np.uint8)
 
 
 def reference(session: ort.InferenceSession, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     probs, embedding = session.run(["probs", "embedding"], {"input": x})
     return probs, embedding
+
+
+def assert_same_answer(got: dict[str, np.ndarray], session, x: np.ndarray) -> None:
+    """Every output as in-process onnxruntime computes it (per-image ones come as [N, 1])."""
+    expected = dict(zip(OUTPUTS, session.run(list(OUTPUTS), {"input": x}), strict=True))
+    for name in ("cluster_id", "ood"):
+        assert got[name].shape == (len(x), 1)
+        assert got[name].ravel().tolist() == expected[name].tolist()
+    for name in ("confidence", "ood_score", "probs", "embedding"):
+        want = expected[name].reshape(got[name].shape)
+        np.testing.assert_allclose(got[name], want, rtol=0, atol=TOLERANCE)
 
 
 def http_get(url: str) -> int:
@@ -107,13 +122,11 @@ def test_http_inference_matches_onnxruntime(served, batch):
 
     x = images(batch, seed=batch)
     client = httpclient.InferenceServerClient(served["server"].http_url)
-    inp = httpclient.InferInput("input", list(x.shape), "FP32")
+    inp = httpclient.InferInput("input", list(x.shape), "UINT8")
     inp.set_data_from_numpy(x, binary_data=True)
     result = client.infer("tiny", [inp])
-    probs, embedding = reference(served["tiny"], x)
     assert result.get_response()["model_version"] == "2"
-    np.testing.assert_allclose(result.as_numpy("probs"), probs, rtol=0, atol=TOLERANCE)
-    np.testing.assert_allclose(result.as_numpy("embedding"), embedding, rtol=0, atol=TOLERANCE)
+    assert_same_answer({n: result.as_numpy(n) for n in OUTPUTS}, served["tiny"], x)
     assert result.as_numpy("probs").shape == (batch, 5)
 
 
@@ -125,12 +138,10 @@ def test_grpc_inference_matches_onnxruntime(served, batch):
 
     x = images(batch, seed=100 + batch)
     client = grpcclient.InferenceServerClient(served["server"].grpc_url)
-    inp = grpcclient.InferInput("input", list(x.shape), "FP32")
+    inp = grpcclient.InferInput("input", list(x.shape), "UINT8")
     inp.set_data_from_numpy(x)
     result = client.infer("tiny", [inp])
-    probs, embedding = reference(served["tiny"], x)
-    np.testing.assert_allclose(result.as_numpy("probs"), probs, rtol=0, atol=TOLERANCE)
-    np.testing.assert_allclose(result.as_numpy("embedding"), embedding, rtol=0, atol=TOLERANCE)
+    assert_same_answer({n: result.as_numpy(n) for n in OUTPUTS}, served["tiny"], x)
 
 
 @pytest.mark.slow
@@ -138,12 +149,9 @@ def test_grpc_inference_matches_onnxruntime(served, batch):
 @pytest.mark.parametrize("batch", BATCH_SIZES)
 def test_curl_json_inference_matches_onnxruntime(served, batch, tmp_path):
     x = images(batch, seed=200 + batch)
-    got = curl_infer(served["server"].http_url, "tiny", x, outputs=("probs", "embedding"))
-    probs, embedding = reference(served["tiny"], x)
+    got = curl_infer(served["server"].http_url, "tiny", x, outputs=OUTPUTS)
     assert got["probs"].shape == (batch, 5)
-    got_probs, got_embedding = got["probs"], got["embedding"]
-    np.testing.assert_allclose(got_probs, probs, rtol=0, atol=TOLERANCE)
-    np.testing.assert_allclose(got_embedding, embedding, rtol=0, atol=TOLERANCE)
+    assert_same_answer(got, served["tiny"], x)
 
 
 @pytest.mark.slow
@@ -154,7 +162,7 @@ def test_batch_above_max_is_refused(served):
 
     x = images(MAX_BATCH + 1)
     client = httpclient.InferenceServerClient(served["server"].http_url)
-    inp = httpclient.InferInput("input", list(x.shape), "FP32")
+    inp = httpclient.InferInput("input", list(x.shape), "UINT8")
     inp.set_data_from_numpy(x)
     with pytest.raises(InferenceServerException, match="batch"):
         client.infer("tiny", [inp])
@@ -181,7 +189,7 @@ def test_concurrent_requests_are_batched_and_split_back(served):
         client = httpclient.InferenceServerClient(server.http_url)
         try:
             x = images(sizes[i], seed=300 + i)
-            inp = httpclient.InferInput("input", list(x.shape), "FP32")
+            inp = httpclient.InferInput("input", list(x.shape), "UINT8")
             inp.set_data_from_numpy(x)
             return x, client.infer("tiny_batching", [inp]).as_numpy("probs")
         finally:
@@ -299,10 +307,19 @@ def test_cli_serve_reports_a_missing_repository(tmp_path):
 def test_model_that_fails_to_load_gives_the_log_tail(tmp_path, triton_binary):
     version = make_tiny_repository(tmp_path / "repo", "broken", instance_kind="KIND_CPU")
     (version / "model.py").write_text("raise RuntimeError('deliberately broken model.py')\n")
+    make_tiny_repository(tmp_path / "repo", "fine", instance_kind="KIND_CPU")
     server = TritonServer(tmp_path / "repo", binary=triton_binary, startup_timeout=120)
-    with pytest.raises(CDCError, match="(?s)exited with status.*deliberately broken"), server:
+    with pytest.raises(CDCError) as caught, server:
         pass
     assert server.process.poll() is not None
+    # one line naming the model and Triton's reason, not the server's log and its tables
+    message = str(caught.value)
+    assert "\n" not in message and "+---" not in message and "'fine'" not in message
+    assert "exited with status" in message
+    assert (
+        "model 'broken' version 1: Internal: RuntimeError: deliberately broken model.py" in message
+    )
+    assert str(server.log_path) in message
 
 
 @pytest.mark.slow
@@ -323,36 +340,43 @@ def test_busy_port_is_a_clear_error(tmp_path, triton_binary):
 def test_cli_serve_runs_until_signalled(tmp_path, triton_binary, stop_signal):
     repo = tmp_path / "repo"
     make_tiny_repository(repo, "tiny", instance_kind="KIND_CPU")
-    http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
-    while len({http_port, grpc_port, metrics_port}) < 3:
-        grpc_port, metrics_port = free_port(), free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "cdc_serve.cli", "serve", str(repo),
-         "--http-port", str(http_port), "--grpc-port", str(grpc_port),
-         "--metrics-port", str(metrics_port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    lines = []
-    try:
-        deadline = time.monotonic() + 180
-        for line in process.stdout:
-            lines.append(line)
-            if "models:" in line or time.monotonic() > deadline:
-                break
-        output = "".join(lines)
-        assert f"http://127.0.0.1:{http_port}" in output, output
-        assert f"127.0.0.1:{grpc_port}" in output
+    with CliServe(repo) as serve:
+        output = serve.output()
+        assert f"http://127.0.0.1:{serve.http_port}" in output, output
+        assert f"127.0.0.1:{serve.grpc_port}" in output
         assert "models:  tiny" in output
-        assert http_get(f"http://127.0.0.1:{http_port}/v2/health/ready") == 200
-        process.send_signal(stop_signal)
-        rest, _ = process.communicate(timeout=90)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    assert process.returncode == 0, output + rest
-    assert "stopped" in rest
-    assert not reachable("127.0.0.1", http_port), "the server outlived cdc-serve serve"
+        assert "Python backend" not in output  # a python-backend model needs no shadow
+        assert http_get(f"http://127.0.0.1:{serve.http_port}/v2/health/ready") == 200
+        code = serve.stop(stop_signal)
+    assert code == 0, serve.output()
+    assert "stopped" in serve.output()
+    assert not reachable("127.0.0.1", serve.http_port), "the server outlived cdc-serve serve"
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+def test_cli_serve_runs_onnxruntime_exports_through_the_python_backend(tmp_path, triton_binary):
+    """The default export (onnxruntime backend) of both formats on the pip server: one line
+    says so, nothing in the repository changes, and the answers are onnxruntime's."""
+    repo = tmp_path / "repo"
+    current = make_tiny_repository(repo, "tiny", backend="onnxruntime")
+    previous = make_tiny_repository(repo, "old", backend="onnxruntime", format_version=1)
+    before = {p: p.stat().st_mtime_ns for p in repo.rglob("*")}
+    with CliServe(repo) as serve:
+        output = serve.output()
+        for name in ("tiny", "old"):
+            assert (
+                f"{name}: configured for the onnxruntime backend, which this tritonserver "
+                "lacks; serving the same model.onnx through the Python backend" in output
+            )
+        x = images(5, seed=9)
+        session = ort.InferenceSession(str(current / "model.onnx"), providers=["CPUExecutionProvider"])  # fmt: skip
+        assert_same_answer(curl_infer(serve.http_url, "tiny", x, outputs=OUTPUTS), session, x)
+        old = ort.InferenceSession(str(previous / "model.onnx"), providers=["CPUExecutionProvider"])  # fmt: skip
+        xf = x.astype(np.float32) / 255
+        got = curl_infer(serve.http_url, "old", xf, outputs=("probs",))["probs"]
+        np.testing.assert_allclose(got, old.run(["probs"], {"input": xf})[0], atol=TOLERANCE)
+    assert {p: p.stat().st_mtime_ns for p in repo.rglob("*")} == before
 
 
 def _backend_shm() -> set[str]:

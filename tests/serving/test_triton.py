@@ -83,16 +83,21 @@ def test_config_parses_as_model_config(backend, kwargs, platform, backend_field)
     assert config.platform == platform
     assert config.backend == backend_field
     assert config.max_batch_size == 64
-    assert [(i.name, list(i.dims)) for i in config.input] == [("input", [3, 32, 32])]
-    assert [(o.name, list(o.dims)) for o in config.output] == [
-        ("probs", [10]),
-        ("embedding", [512]),
-    ]
     from tritonclient.grpc import model_config_pb2 as pb
 
-    assert {i.data_type for i in config.input} | {o.data_type for o in config.output} == {
-        pb.TYPE_FP32
-    }
+    def described(tensors):
+        return [(t.name, pb.DataType.Name(t.data_type), list(t.dims), t.HasField("reshape"),
+                 list(t.reshape.shape)) for t in tensors]  # fmt: skip
+
+    assert described(config.input) == [("input", "TYPE_UINT8", [3, 32, 32], False, [])]
+    assert described(config.output) == [  # one value per image: dims [1] reshaped to [N]
+        ("cluster_id", "TYPE_INT64", [1], True, []),
+        ("confidence", "TYPE_FP32", [1], True, []),
+        ("ood_score", "TYPE_FP32", [1], True, []),
+        ("ood", "TYPE_BOOL", [1], True, []),
+        ("probs", "TYPE_FP32", [10], False, []),
+        ("embedding", "TYPE_FP32", [512], False, []),
+    ]
     assert list(config.dynamic_batching.preferred_batch_size) == [8, 16]
     assert config.dynamic_batching.max_queue_delay_microseconds == 250
     kind = pb.ModelInstanceGroup.Kind.Name(config.instance_group[0].kind)
@@ -100,6 +105,18 @@ def test_config_parses_as_model_config(backend, kwargs, platform, backend_field)
     assert config.instance_group[0].count == 2
     assert config.parameters["ood_threshold"].string_value == "0.125"
     assert not config.optimization.execution_accelerators.gpu_execution_accelerator
+
+
+def test_previous_format_config_lists_float_input_and_two_outputs():
+    text = config_pbtxt("cdc", "python", 10, (1, 28, 28), 128, 64, format_version=1)
+    config = parse_config(text)
+    from tritonclient.grpc import model_config_pb2 as pb
+
+    assert [(t.name, pb.DataType.Name(t.data_type)) for t in (*config.input, *config.output)] == [
+        ("input", "TYPE_FP32"),
+        ("probs", "TYPE_FP32"),
+        ("embedding", "TYPE_FP32"),
+    ]
 
 
 @pytest.mark.parametrize("fp16", [False, True])
@@ -118,19 +135,24 @@ def test_parameter_strings_survive_escaping():
     assert parse_config(text).parameters["k"].string_value == tricky
 
 
-def test_instance_kind_auto_follows_visible_gpus(monkeypatch, tmp_path):
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    assert resolve_instance_kind("auto", "onnxruntime") == "KIND_CPU"
-    # A stand-in nvidia-smi that lists one GPU: auto must pick KIND_GPU.
+def test_instance_kind_auto_is_left_to_the_serving_machine(monkeypatch, tmp_path):
+    """``auto`` is Triton's KIND_AUTO whatever the exporting machine has (here a stand-in
+    nvidia-smi that lists a GPU, then none), so an export serves the same anywhere."""
     smi = tmp_path / "nvidia-smi"
     smi.write_text("#!/bin/sh\necho 'GPU 0: Test GPU (UUID: GPU-0)'\n")
     smi.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
-    assert resolve_instance_kind("auto", "python") == "KIND_GPU"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert resolve_instance_kind("auto", "python") == "KIND_AUTO"
+    assert resolve_instance_kind("auto", "onnxruntime") == "KIND_AUTO"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert resolve_instance_kind("auto", "onnxruntime") == "KIND_AUTO"
     assert resolve_instance_kind("KIND_CPU", "python") == "KIND_CPU"
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
-    assert resolve_instance_kind("auto", "python") == "KIND_CPU"
+    assert resolve_instance_kind("auto", "tensorrt") == "KIND_GPU"  # a plan needs a GPU
+    text = config_pbtxt("cdc", "onnxruntime", 4, (1, 8, 8), 6, 8, trt_accelerator=True)
+    assert "kind: KIND_AUTO" in text and "gpu_execution_accelerator" in text
+    with pytest.raises(CDCError, match="GPU instances"):
+        config_pbtxt("cdc", "onnxruntime", 4, (1, 8, 8), 6, 8, "KIND_CPU", trt_accelerator=True)
 
 
 @pytest.mark.parametrize(
@@ -173,13 +195,22 @@ def test_parse_config_reports_syntax_errors():
 
 
 def test_onnx_shapes_read_from_graph(tmp_path):
+    from tiny_export import write_tiny_graph
+
     path = make_tiny_onnx(tmp_path / "m.onnx", num_classes=7, input_chw=(3, 5, 4), embedding_dim=9)
-    assert onnx_shapes(path) == {"num_classes": 7, "input_chw": (3, 5, 4), "embedding_dim": 9}
+    assert onnx_shapes(path) == {
+        "num_classes": 7, "input_chw": (3, 5, 4), "embedding_dim": 9, "format_version": 1,
+    }  # fmt: skip
+    served, _ = write_tiny_graph(tmp_path / "served.onnx", channels=3, size=(5, 4))
+    assert onnx_shapes(served) == {
+        "num_classes": 5, "input_chw": (3, 5, 4), "embedding_dim": 6, "format_version": 2,
+    }  # fmt: skip
 
 
 def test_python_variant_layout_and_versions(tmp_path):
     repo = tmp_path / "repo"
-    v1 = make_tiny_repository(repo, name="cdc", max_batch=8, seed=0, instance_kind="KIND_CPU")
+    v1 = make_tiny_repository(repo, name="cdc", max_batch=8, seed=0, instance_kind="KIND_CPU",
+                              format_version=1, meta=tiny_meta())  # fmt: skip
     assert v1 == repo / "cdc" / "1"
     assert sorted(p.name for p in v1.iterdir()) == ["cdc_meta.json", "model.onnx", "model.py"]
     assert (v1 / "model.py").read_bytes() == PYTHON_MODEL_SOURCE.read_bytes()
@@ -190,7 +221,8 @@ def test_python_variant_layout_and_versions(tmp_path):
     assert json.loads(config.parameters["preprocess"].string_value) == tiny_meta()["preprocess"]
     before = tree_digest(v1)
 
-    v2 = make_tiny_repository(repo, name="cdc", max_batch=8, seed=1, instance_kind="KIND_CPU")
+    v2 = make_tiny_repository(repo, name="cdc", max_batch=8, seed=1, instance_kind="KIND_CPU",
+                              format_version=1, meta=tiny_meta())  # fmt: skip
     assert v2 == repo / "cdc" / "2"
     assert tree_digest(v1) == before, "adding version 2 changed version 1"
     assert (v2 / "model.onnx").read_bytes() != (v1 / "model.onnx").read_bytes()
@@ -235,7 +267,7 @@ def test_onnxruntime_and_tensorrt_layouts(tmp_path):
     meta = {"num_classes": 3, "embedding_dim": 4, "channels": 3, "input_size": [32, 32]}
     add_model_version(repo, "trt", plan, meta, "tensorrt", 32, fp16=True)
     config = read_config(repo / "trt")
-    assert [list(o.dims) for o in config.output] == [[3], [4]]
+    assert [list(o.dims) for o in config.output] == [[1], [1], [1], [1], [3], [4]]
     assert list(config.input[0].dims) == [3, 32, 32]
 
 
@@ -325,9 +357,9 @@ TEMPLATE_COMMON = {
     },
 }
 TEMPLATES = {
-    "onnxruntime": {"instance_kind": "KIND_GPU", "trt_accelerator": True, "fp16": True},
-    "python": {"instance_kind": "KIND_CPU"},
-    "tensorrt": {"instance_kind": "KIND_GPU"},
+    "onnxruntime": {"instance_kind": "auto", "trt_accelerator": True, "fp16": True},
+    "python": {"instance_kind": "auto"},
+    "tensorrt": {"instance_kind": "auto"},
 }
 
 
@@ -389,28 +421,63 @@ def test_python_model_follows_the_contract_names_in_the_config(tmp_path, monkeyp
     import numpy as np
     import onnxruntime as ort
 
-    from cdc_serve.contract import INPUT_NAME, ONNX_FILE, ORT_THREADS_PARAMETER, OUTPUT_NAMES
+    from cdc_serve.contract import (
+        INPUT_NAME,
+        ONNX_FILE,
+        ORT_SPINNING_PARAMETER,
+        ORT_THREADS_PARAMETER,
+        OUTPUT_NAMES,
+        SERVED_OUTPUTS,
+    )
 
     module = _python_model(monkeypatch)
-    # the two names model.py cannot import from cdc_serve.contract
+    # the names model.py cannot import from cdc_serve.contract
     assert module.MODEL_FILE == ONNX_FILE and module.THREADS_PARAMETER == ORT_THREADS_PARAMETER
+    assert module.SPINNING_PARAMETER == ORT_SPINNING_PARAMETER
 
-    v1 = make_tiny_repository(tmp_path / "repo", name="cdc", instance_kind="KIND_CPU")
-    model = _initialised(module, v1.parent)
-    assert (model.input_name, tuple(model.output_names)) == (INPUT_NAME, OUTPUT_NAMES)
     rng = np.random.default_rng(0)
-    a, b = (rng.normal(size=(n, 1, 8, 8)).astype(np.float32) for n in (3, 2))
-    bad = {INPUT_NAME: np.zeros((2, 8, 8), np.float32)}
-    good_a, wrong, good_b = model.execute([{INPUT_NAME: a}, bad, {INPUT_NAME: b}])
-    session = ort.InferenceSession(str(v1 / "model.onnx"), providers=["CPUExecutionProvider"])
-    for response, x in ((good_a, a), (good_b, b)):  # batched together, split back
-        assert response.error is None and set(response.tensors) == set(OUTPUT_NAMES)
-        expected = session.run(list(OUTPUT_NAMES), {"input": x})
-        for name, want in zip(OUTPUT_NAMES, expected, strict=True):
-            np.testing.assert_allclose(response.tensors[name], want, atol=1e-6)
-    assert "float32 [N, C, H, W]" in wrong.error and INPUT_NAME in wrong.error
+    for fmt, names, dtype in ((2, SERVED_OUTPUTS, np.uint8), (1, OUTPUT_NAMES, np.float32)):
+        v1 = make_tiny_repository(tmp_path / f"repo{fmt}", name="cdc", instance_kind="KIND_CPU",
+                                  format_version=fmt)  # fmt: skip
+        model = _initialised(module, v1.parent)
+        assert (model.input_name, tuple(model.output_names)) == (INPUT_NAME, names)
+        a, b = (rng.integers(0, 256, size=(n, 1, 8, 8)).astype(dtype) for n in (3, 2))
+        bad = {INPUT_NAME: np.zeros((2, 8, 8), dtype)}
+        good_a, wrong, good_b = model.execute([{INPUT_NAME: a}, bad, {INPUT_NAME: b}])
+        session = ort.InferenceSession(str(v1 / "model.onnx"), providers=["CPUExecutionProvider"])
+        for response, x in ((good_a, a), (good_b, b)):  # batched together, split back
+            assert response.error is None and set(response.tensors) == set(names)
+            expected = session.run(list(names), {"input": x})
+            for name, want in zip(names, expected, strict=True):
+                assert response.tensors[name].dtype == want.dtype
+                np.testing.assert_allclose(response.tensors[name], want, atol=1e-6)
+        assert f"{np.dtype(dtype)} [N, C, H, W]" in wrong.error and INPUT_NAME in wrong.error
+        (wrong_type,) = model.execute([{INPUT_NAME: a.astype(np.float64)}])
+        assert "float64" in wrong_type.error
     (missing,) = model.execute([{"something": a}])
     assert f"no tensor named {INPUT_NAME!r}" in missing.error
+
+
+class _Request(dict):
+    """A request that names the outputs it wants, as Triton's InferenceRequest does."""
+
+    def __init__(self, tensors, wanted):
+        super().__init__(tensors)
+        self.wanted = wanted
+
+    def requested_output_names(self):
+        return self.wanted
+
+
+def test_python_model_sends_only_the_outputs_asked_for(tmp_path, monkeypatch):
+    import numpy as np
+
+    module = _python_model(monkeypatch)
+    model = _initialised(module, make_tiny_repository(tmp_path / "repo", name="cdc").parent)
+    x = np.zeros((2, 1, 8, 8), np.uint8)
+    few, every = model.execute([_Request({"input": x}, ["ood", "cluster_id"]), _Request({"input": x}, [])])  # fmt: skip
+    assert set(few.tensors) == {"cluster_id", "ood"} and few.tensors["ood"].dtype == np.bool_
+    assert set(every.tensors) == set(model.output_names)  # none named: every output
 
 
 def test_python_model_reads_renamed_tensors_from_the_config(tmp_path, monkeypatch):
@@ -434,13 +501,13 @@ def test_python_model_reads_renamed_tensors_from_the_config(tmp_path, monkeypatc
 
 
 def test_the_contract_names_reach_config_and_metadata(tmp_path):
-    from cdc_serve.contract import EMBEDDING, INPUT_NAME, PROBS
+    from cdc_serve.contract import EMBEDDING, INPUT_NAME, PROBS, SERVED_OUTPUTS
     from cdc_serve.modelmeta import ModelMeta
 
     v1 = make_tiny_repository(tmp_path / "repo", name="cdc", instance_kind="KIND_CPU")
     config = read_config(v1.parent)
     assert [t.name for t in config.input] == [INPUT_NAME]
-    assert [t.name for t in config.output] == [PROBS, EMBEDDING]
+    assert [t.name for t in config.output] == list(SERVED_OUTPUTS)
     meta = ModelMeta(name="m", num_classes=2, channels=1, input_size=(4, 4), mean=[0.5],
                      std=[0.5], embedding_dim=3)  # fmt: skip
     assert (meta.input_name, meta.outputs) == (INPUT_NAME, (PROBS, EMBEDDING))

@@ -1,8 +1,16 @@
-"""Test helper: a tiny exported model (ONNX without torch + a real ModelMeta with fitted OOD).
+"""Test helper: tiny exported models (ONNX without torch + a real ModelMeta with fitted OOD).
 
-Used by test_client.py, test_predict.py and test_client_triton.py. The graph is the one
-from conftest.make_tiny_onnx (Flatten -> MatMul -> Add = embedding -> MatMul -> Add ->
-Softmax = probs); :func:`reference_outputs` recomputes it in numpy from the weights.
+Used by test_client.py, test_predict.py, test_client_triton.py and conftest's
+``make_tiny_repository``. The core graph is conftest.make_tiny_onnx's (Flatten -> MatMul
+-> Add = embedding -> MatMul -> Add -> Softmax = probs); :func:`reference_outputs`
+recomputes it in numpy from the weights. Two export formats:
+
+- the current one (``format_version`` 2, the default): the core wrapped by
+  :func:`cdc_serve.served_graph.serving_graph`, as ``cdc-serve export`` does (uint8
+  images in; cluster_id, confidence, ood_score, ood, probs, embedding out);
+- the previous one (``format_version=1``): the core graph itself with a version-1
+  ``cdc_meta.json``, as exports made before the in-graph scores were written. Clients
+  must keep serving those.
 """
 
 from __future__ import annotations
@@ -10,18 +18,22 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from conftest import make_tiny_onnx
+from conftest import make_tiny_onnx, tiny_core_model
 
-from cdc_serve.modelmeta import META_FILE, ModelMeta
+from cdc_serve.modelmeta import FORMAT_VERSION, META_FILE, ModelMeta
 from cdc_serve.ood import fit_ood
 from cdc_serve.preprocess import normalise
 
 NUM_CLASSES = 5
 EMBEDDING_DIM = 6
+PREVIOUS_FORMAT = 1
 
 
 def tiny_modelmeta(
-    channels: int = 1, size: tuple[int, int] = (8, 8), ood: dict | None = None
+    channels: int = 1,
+    size: tuple[int, int] = (8, 8),
+    ood: dict | None = None,
+    format_version: int = FORMAT_VERSION,
 ) -> ModelMeta:
     return ModelMeta(
         name="tiny",
@@ -33,18 +45,18 @@ def tiny_modelmeta(
         embedding_dim=EMBEDDING_DIM,
         ood=ood or {},
         dataset="synthetic",
+        format_version=format_version,
     )
 
 
-def reference_outputs(onnx_path: Path, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The tiny graph computed in numpy (float64) from its initialisers."""
+def reference_outputs(onnx_path, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The tiny core graph (a path or an ``onnx.ModelProto``) computed in numpy (float64)
+    from its initialisers, on normalised float input."""
     import onnx
     from onnx import numpy_helper
 
-    weights = {
-        t.name: numpy_helper.to_array(t).astype(np.float64)
-        for t in onnx.load(str(onnx_path)).graph.initializer
-    }
+    model = onnx_path if isinstance(onnx_path, onnx.ModelProto) else onnx.load(str(onnx_path))
+    weights = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
     emb = x.reshape(len(x), -1).astype(np.float64) @ weights["w_embed"] + weights["b_embed"]
     logits = emb @ weights["w_cls"] + weights["b_cls"]
     e = np.exp(logits - logits.max(axis=1, keepdims=True))
@@ -59,20 +71,41 @@ def fitted_ood(onnx_path: Path, meta: ModelMeta, seed: int = 0) -> dict:
     return fit_ood(emb, probs, knn_bank=100)
 
 
+def write_tiny_graph(
+    path: Path,
+    channels: int = 1,
+    size: tuple[int, int] = (8, 8),
+    seed: int = 0,
+    format_version: int = FORMAT_VERSION,
+) -> tuple[Path, ModelMeta]:
+    """Write the tiny model's ONNX file in either format; returns it and its metadata
+    (OOD parameters fitted on noise, default score Mahalanobis)."""
+    import onnx
+
+    from cdc_serve.served_graph import serving_graph
+
+    core = tiny_core_model(NUM_CLASSES, (channels, *size), EMBEDDING_DIM, seed)
+    meta = tiny_modelmeta(channels, size, format_version=format_version)
+    meta.ood = fitted_ood(core, meta, seed)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(serving_graph(core, meta) if meta.scores_in_graph else core, str(path))
+    return path, meta
+
+
 def make_exported_model(
-    root: Path, channels: int = 1, size: tuple[int, int] = (8, 8), seed: int = 0, version: int = 1
+    root: Path,
+    channels: int = 1,
+    size: tuple[int, int] = (8, 8),
+    seed: int = 0,
+    version: int = 1,
+    format_version: int = FORMAT_VERSION,
 ) -> Path:
     """Write ``root/tiny/<version>/{model.onnx, cdc_meta.json}``; returns ``root/tiny``."""
     version_dir = Path(root) / "tiny" / str(version)
-    onnx_path = make_tiny_onnx(
-        version_dir / "model.onnx",
-        num_classes=NUM_CLASSES,
-        input_chw=(channels, *size),
-        embedding_dim=EMBEDDING_DIM,
-        seed=seed,
+    _, meta = write_tiny_graph(
+        version_dir / "model.onnx", channels, size, seed, format_version=format_version
     )
-    meta = tiny_modelmeta(channels, size)
-    meta.ood = fitted_ood(onnx_path, meta, seed)
     meta.version = version
     meta.write(version_dir / META_FILE)
     return version_dir.parent
@@ -82,7 +115,8 @@ RENAMED = {"input": "pixels", "probs": "p", "embedding": "z"}
 
 
 def make_renamed_export(root: Path, names: dict[str, str] = RENAMED, seed: int = 0) -> Path:
-    """A python-backend Triton model whose tensors are not called input / probs / embedding.
+    """A python-backend Triton model (previous format) whose tensors are not called input /
+    probs / embedding.
 
     Writes ``root/renamed/config.pbtxt`` (its ``input``/``output`` entries renamed) and
     ``root/renamed/1/{model.onnx, cdc_meta.json, model.py}`` with the metadata naming the
@@ -114,14 +148,17 @@ def make_renamed_export(root: Path, names: dict[str, str] = RENAMED, seed: int =
     shutil.copyfile(PYTHON_MODEL_SOURCE, version_dir / PYTHON_MODEL_FILE)
 
     meta = dataclasses.replace(
-        tiny_modelmeta(), input_name=names["input"], outputs=(names["probs"], names["embedding"])
+        tiny_modelmeta(format_version=PREVIOUS_FORMAT),
+        input_name=names["input"],
+        outputs=(names["probs"], names["embedding"]),
     )
     meta.ood = fitted_ood(source, meta, seed)
     meta.version = 1
     meta.write(version_dir / META_FILE)
 
     text = config_pbtxt("renamed", "python", NUM_CLASSES, (1, 8, 8), EMBEDDING_DIM, max_batch=16,
-                        instance_kind="KIND_CPU", parameters=meta_parameters(meta.to_dict()))  # fmt: skip
+                        instance_kind="KIND_CPU", parameters=meta_parameters(meta.to_dict()),
+                        format_version=PREVIOUS_FORMAT)  # fmt: skip
     config = parse_config(text)
     config.input[0].name = names["input"]
     config.output[0].name, config.output[1].name = names["probs"], names["embedding"]

@@ -22,7 +22,7 @@ def test_output_shape(name: str, channels: int, size: int) -> None:
         out = net(torch.randn(2, channels, size, size))
     assert out.shape == (2, net.out_dim)
     assert torch.isfinite(out).all()
-    expected = 128 if name == "smallcnn" else 512
+    expected = {"smallcnn": 128, "resnet50": 2048}.get(name, 512)
     assert net.out_dim == expected
 
 
@@ -60,3 +60,15 @@ def test_smallcnn_trains() -> None:
 def test_bad_arguments(args) -> None:
     with pytest.raises(CDCError):
         build_backbone(*args)
+
+
+def test_resnet50_and_the_imagenet_stem():
+    import torch
+
+    from cdc_serve_training.backbones import build_backbone
+
+    net = build_backbone("resnet50", 3, 32)
+    assert net.out_dim == 2048 and net.conv1.kernel_size == (3, 3)
+    imagenet = build_backbone("resnet18", 1, 32, stem="imagenet")
+    assert imagenet.conv1.kernel_size == (7, 7)
+    assert imagenet(torch.zeros(2, 1, 32, 32)).shape == (2, 512)

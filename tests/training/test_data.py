@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from datafiles import fake_fmnist
+from datafiles import fake_fmnist, official_cifar
 from PIL import Image
 
 from cdc_serve import CDCError
@@ -209,3 +209,17 @@ def test_image_folder(tmp_path: Path) -> None:
         load_dataset(f"imagefolder:{tmp_path / 'flat'}")
     with pytest.raises(CDCError, match="does not exist"):
         load_dataset(f"imagefolder:{tmp_path / 'missing'}")
+
+
+def test_official_format_cifar10_and_cifar100_tensors(tmp_path: Path) -> None:
+    """CIFAR-10 and CIFAR-100 folders pickled as the releases are (Python 2 byte strings)."""
+    ten = official_cifar(tmp_path / "c10", n=2)
+    data = load_dataset("cifar10", tmp_path / "c10", split="test")
+    assert data.images.shape == (2, 3, 32, 32) and data.images.dtype == torch.uint8
+    assert data.labels.tolist() == ten["test"][1].tolist() and data.class_names[0] == "airplane"
+    assert torch.equal(data.images, torch.from_numpy(ten["test"][0]))
+    hundred = official_cifar(tmp_path / "c100", coarse=True, n=5)
+    data = load_dataset("cifar20", tmp_path / "c100")
+    assert data.images.shape == (10, 3, 32, 32) and data.num_classes == 20
+    labels = np.concatenate([hundred["train"][1], hundred["test"][1]])
+    assert data.labels.tolist() == labels.tolist() and data.class_names == hundred["names"]

@@ -135,6 +135,8 @@ def test_more_classes_than_images(tmp_path):
 def test_batch_larger_than_data(tmp_path):
     config = _config(tmp_path, limit=300)
     config.cdc.batch_size, config.cdc.sub_batch_size, config.cdc.mini_clusters = 1000, 500, 100
+    # set as by --batch-size etc.: a preset's batch adapts to small data, the user's does not
+    config.set_by_user += ["batch_size", "sub_batch_size", "mini_clusters"]
     with pytest.raises(CDCError, match="batch size B=1000 is larger than the data"):
         train(config)
     assert _nothing_trained(tmp_path / "run")

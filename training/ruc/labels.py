@@ -7,7 +7,6 @@ metric strategy applies); :func:`_labels_file` parses and checks a ``.npy``/``.c
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,8 @@ import torch
 from torch import Tensor
 
 from cdc_serve import CDCError
+from cdc_serve.datasets import parse_label, read_csv_rows
+from cdc_serve.npy import read_npy
 
 LABEL_SOURCES = "kmeans | path/to/model.pth | labels.npy | labels.csv"
 
@@ -81,25 +82,7 @@ def pseudo_labels_from(
 def _labels_file(path: Path, n: int, num_classes: int) -> Tensor:
     """Labels per sample index from ``.npy`` or ``.csv`` (one label per row, or
     ``index,label`` rows; an optional header line), validated."""
-    try:
-        if path.suffix == ".npy":
-            values = np.load(path, allow_pickle=False)
-        else:
-            with path.open(newline="") as fh:
-                rows = [r for r in csv.reader(fh) if r and any(c.strip() for c in r)]
-            if rows and not rows[0][-1].strip().lstrip("-").isdigit():
-                rows = rows[1:]  # header
-            if rows and len(rows[0]) >= 2:
-                index = np.array([int(r[0]) for r in rows])
-                if sorted(index.tolist()) != list(range(len(rows))):
-                    raise CDCError(f"{path}: the index column must hold 0..N-1 once each")
-                values = np.empty(len(rows), dtype=np.int64)
-                values[index] = [int(r[-1]) for r in rows]
-            else:
-                values = np.array([int(r[0]) for r in rows], dtype=np.int64)
-    except (ValueError, OSError) as exc:
-        raise CDCError(f"cannot read labels from {path}: {exc}") from exc
-    values = np.asarray(values)
+    values = np.array(read_npy(path)) if path.suffix == ".npy" else _csv_labels(path)
     if values.ndim != 1:
         raise CDCError(f"{path}: expected one label per sample, got shape {values.shape}")
     integral = np.issubdtype(values.dtype, np.integer) or (
@@ -109,8 +92,33 @@ def _labels_file(path: Path, n: int, num_classes: int) -> Tensor:
         raise CDCError(f"{path}: labels must be integers, got {values.dtype}")
     if values.shape[0] != n:
         raise CDCError(f"{path}: {values.shape[0]} labels for {n} images (one per sample index)")
-    if values.min() < 0 or values.max() >= num_classes:
+    if values.size and (values.min() < 0 or values.max() >= num_classes):
         raise CDCError(
             f"{path}: labels must lie in 0..{num_classes - 1}, found {values.min()}..{values.max()}"
         )
     return torch.from_numpy(values.astype(np.int64))
+
+
+def _csv_labels(path: Path) -> np.ndarray:
+    """The labels of a CSV file: one per row, or ``index,label`` rows (index 0..N-1 once each)."""
+    rows = read_csv_rows(path)
+    if rows and parse_label(rows[0][1][-1].lstrip("-")) is None:
+        rows = rows[1:]  # header
+    width = len(rows[0][1]) if rows else 1
+    values = np.full(len(rows), -1, dtype=np.int64)
+    for pos, (line, fields) in enumerate(rows):
+        numbers = [parse_label(f) for f in fields]
+        if len(fields) != width or None in numbers:
+            what = (
+                "one integer >= 0" if width == 1 else f"{width} integers >= 0 (index, ..., label)"
+            )
+            raise CDCError(
+                f"cannot read labels from {path}, line {line}: expected {what}, got {str(fields)[:80]}"
+            )
+        index = numbers[0] if width > 1 else pos
+        if index >= len(rows) or values[index] >= 0:
+            raise CDCError(
+                f"{path}, line {line}: the index column must hold 0..N-1 once each (found {index})"
+            )
+        values[index] = numbers[-1]
+    return values
