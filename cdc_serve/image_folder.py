@@ -242,7 +242,7 @@ def read_image_folder(
             if pool is not None:
                 pool.close()
         skipped.update({i: reason for i, (_, reason) in enumerate(modes) if reason})
-        _check_strict(strict, skipped, files, folder)
+        _check_strict(strict, skipped, files)
         readable = [mode for mode, _ in modes if mode is not None]
         channels = 1 if readable and all(m in GRAY_MODES for m in readable) else 3
 
@@ -263,7 +263,7 @@ def read_image_folder(
             pool.join()
     for (s, _), part in zip(chunks, reasons, strict=True):
         skipped.update({s + i: r for i, r in enumerate(part) if r is not None})
-    _check_strict(strict, skipped, files, folder)
+    _check_strict(strict, skipped, files)
     if len(skipped) == len(files):
         raise CDCError(
             f"image folder {folder}: none of its {len(files)} files is a readable image "
@@ -292,7 +292,8 @@ def _remove(path: Path) -> None:
         f.unlink(missing_ok=True)
 
 
-def _check_strict(strict: bool, skipped: dict[int, str], files: list[Path], folder: Path) -> None:
+def _check_strict(strict: bool, skipped: dict[int, str], files: list[Path]) -> None:
+    """With ``strict``, the first skipped file as the one error."""
     if strict and skipped:
         first = min(skipped)
         raise CDCError(
