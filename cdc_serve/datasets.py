@@ -41,7 +41,6 @@ from cdc_serve.choices import Split, values
 from cdc_serve.safe_pickle import load_cifar_pickle
 
 SPLITS = values(Split)
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 # fetch(dataset_class, root): download a dataset's standard files into root, e.g. with
 # torchvision (``dataset_class`` is torchvision's class name: FashionMNIST, CIFAR10, ...).
@@ -266,53 +265,22 @@ def _read_stl10(root: Path, split: str, fetch: Fetch | None) -> Arrays:
 
 
 def read_image_folder(path: Path, size: int | Sequence[int] | None = None) -> Arrays:
-    """Read an image folder with Pillow.
+    """An image folder's images in memory, labels (one class per sub-folder) and classes.
 
-    With sub-folders, each sub-folder is a class (sorted names, like torchvision's
-    ImageFolder); otherwise the images directly inside are one unlabelled set. Images are
-    converted to grayscale when all of them are grayscale, else to RGB, and resized to
-    ``size`` (default: the most common size among the images).
+    Read by :func:`cdc_serve.image_folder.read_image_folder` (streaming, parallel, bounded
+    memory) with ``strict=True``: here an unreadable file is an error naming it. Images
+    are grayscale when all of them are, else RGB, resized to ``size`` (``int`` or
+    ``(H, W)``; default: the most common size among the images).
     """
-    from collections import Counter
+    from cdc_serve.image_folder import list_images, most_common_size
+    from cdc_serve.image_folder import read_image_folder as read_folder
 
-    from PIL import Image
-
-    from cdc_serve.preprocess import open_image
-
-    if not path.is_dir():
-        raise CDCError(f"image folder {path} does not exist or is not a folder")
-    classes = sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if classes:
-        entries = [
-            (f, i)
-            for i, c in enumerate(classes)
-            for f in sorted((path / c).rglob("*"))
-            if f.suffix.lower() in IMAGE_SUFFIXES
-        ]
-    else:
-        entries = [(f, -1) for f in sorted(path.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
-    if not entries:
-        raise CDCError(f"image folder {path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    pictures = [open_image(file) for file, _ in entries]  # CDCError naming a bad file
-    gray = all(p.mode in ("1", "L", "I", "I;16", "F") for p in pictures)
-    mode = "L" if gray else "RGB"
     if size is None:
-        w, h = Counter(p.size for p in pictures).most_common(1)[0][0]
-    else:
-        h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-    arrays = []
-    for (file, _), p in zip(entries, pictures, strict=True):
-        try:
-            p = p.convert(mode)
-            if p.size != (w, h):
-                p = p.resize((w, h), Image.BILINEAR)
-        except (ValueError, OSError) as exc:  # a mode Pillow cannot convert
-            raise CDCError(f"{file}: cannot convert image mode {p.mode!r} ({exc})") from None
-        a = np.asarray(p, dtype=np.uint8)
-        arrays.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
-    images = np.stack(arrays)
-    labels = np.array([label for _, label in entries], dtype=np.int64) if classes else None
-    return images, labels, classes or None
+        size = most_common_size(list_images(path)[0])
+    elif isinstance(size, int):
+        size = (size, size)
+    read = read_folder(path, (int(size[0]), int(size[1])), strict=True, progress=False)
+    return np.asarray(read.images), read.labels, read.class_names
 
 
 DATASETS: dict[str, DatasetInfo] = {

@@ -89,6 +89,24 @@ def list_images(folder: Path) -> tuple[list[Path], np.ndarray | None, list[str] 
     return files, label_array, classes or None
 
 
+def most_common_size(files: list[Path]) -> tuple[int, int]:
+    """The (H, W) most of the readable ``files`` have, from their headers (no decoding)."""
+    from collections import Counter
+
+    from PIL import Image
+
+    sizes: Counter = Counter()
+    for f in files:
+        try:
+            with Image.open(f) as img:
+                sizes[(img.size[1], img.size[0])] += 1
+        except Exception:  # noqa: BLE001  unreadable: the read itself reports it
+            continue
+    if not sizes:
+        raise CDCError(f"image folder {files[0].parent}: none of its files is a readable image")
+    return sizes.most_common(1)[0][0]
+
+
 def cache_key(folder: Path, files: list[Path], size: tuple[int, int], channels: int | None) -> str:
     """A hash of the file list (relative path, size, modification time) and the target."""
     digest = hashlib.sha256(f"v{CACHE_VERSION} {size} {channels}".encode())

@@ -101,10 +101,13 @@ def build_backbone(
     if in_channels < 1:
         raise CDCError(f"in_channels must be >= 1, got {in_channels}")
     if name == "smallcnn":
-        return SmallCNN(in_channels, size)
-    if name in ("resnet18", "resnet34", "resnet50"):
-        return _resnet(name, in_channels, size, stem)
-    raise CDCError(f"unknown backbone {name!r}; known: {', '.join(BACKBONES)}")
+        net = SmallCNN(in_channels, size)
+    elif name in ("resnet18", "resnet34", "resnet50"):
+        net = _resnet(name, in_channels, size, stem)
+    else:
+        raise CDCError(f"unknown backbone {name!r}; known: {', '.join(BACKBONES)}")
+    net.stem = stem  # what model.pth's arch records (checkpoint.arch_of)
+    return net
 
 
 # ----------------------------------------------------------------------------------------------

@@ -29,7 +29,6 @@ from cdc_serve import CDCError
 from cdc_serve.datasets import (
     DATASETS,
     FASHION_CLASSES,
-    IMAGE_SUFFIXES,
     SPLITS,
     DatasetInfo,
     check_split,
@@ -38,6 +37,7 @@ from cdc_serve.datasets import (
     read_dataset,
 )
 from cdc_serve.datasets import read_image_folder as load_image_folder
+from cdc_serve.preprocess import IMAGE_SUFFIXES
 
 __all__ = [  # the numpy side is re-exported for the callers that import it from here
     "DATASETS",

@@ -99,16 +99,14 @@ def _initial_backbone(config: TrainConfig, data) -> torch.nn.Module:
     """The backbone before MoCo-v2: random, or the ``--backbone-weights`` file's weights.
 
     The weights' first convolution decides the ResNet stem (7x7: torchvision's ImageNet
-    stem, kept whatever the input size); ``backbone.stem`` records it for ``model.pth``.
+    stem, kept whatever the input size; ``backbone.stem`` records it for ``model.pth``).
     """
     from cdc_serve_training.backbones import build_backbone, load_weights, read_weights
     from cdc_serve_training.backbones import weights_stem as stem_of
 
     name, path = config.model.backbone, config.model.weights
     if path is None:
-        backbone = build_backbone(name, data.channels, data.size)
-        backbone.stem = "auto"
-        return backbone
+        return build_backbone(name, data.channels, data.size)
     weights, saved_name = read_weights(path)
     if saved_name is not None and saved_name != name:
         raise CDCError(
@@ -117,7 +115,6 @@ def _initial_backbone(config: TrainConfig, data) -> torch.nn.Module:
     stem = "auto" if name == "smallcnn" else stem_of(weights)
     backbone = build_backbone(name, data.channels, data.size, stem)
     load_weights(backbone, weights, path)
-    backbone.stem = stem
     return backbone
 
 
@@ -154,7 +151,6 @@ def pretrained_backbone(
         backbone.load_state_dict(state["state_dict"])
         _log(f"pretrain: reusing {done}", config.progress)
         return backbone.to(device).eval()
-    stem = backbone.stem
     if config.moco.epochs > 0:
         pretrain_data = data
         if config.pretrain_limit is not None and config.pretrain_limit < len(data):
@@ -173,7 +169,6 @@ def pretrained_backbone(
             progress=config.progress,
             amp=config.amp and device.type == "cuda",
         )
-    backbone.stem = stem
     save_stage(
         done,
         stage,
