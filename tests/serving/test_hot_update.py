@@ -35,10 +35,17 @@ def _answers(model_dir: Path, x: np.ndarray) -> tuple[list[int], np.ndarray]:
     return [p.cluster_id for p in preds], np.array([p.ood_score for p in preds])
 
 
-def _index(http_url: str) -> dict[str, str]:
+def _index(http_url: str, timeout: float = 60) -> dict[str, str]:
+    """The versions of "cdc" and their states, once none is still UNLOADING (the old
+    version drains its last requests after the new one is READY)."""
     request = urllib.request.Request(f"http://{http_url}/v2/repository/index", data=b"{}")
-    with urllib.request.urlopen(request, timeout=10) as r:
-        return {m["version"]: m["state"] for m in json.load(r) if m["name"] == "cdc"}
+    deadline = time.monotonic() + timeout
+    while True:
+        with urllib.request.urlopen(request, timeout=10) as r:
+            states = {m["version"]: m["state"] for m in json.load(r) if m["name"] == "cdc"}
+        if "UNLOADING" not in states.values() or time.monotonic() > deadline:
+            return states
+        time.sleep(0.2)
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
