@@ -12,12 +12,12 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-8)
 
 .PHONY: install data browser demo test test-fast lint format bench ablations clean
 
-install: $(STAMP) data ## Create .venv with cdc-serve[train,server,dev] and the dataset
+install: $(STAMP) data ## Create .venv with cdc-serve[train,server,dev,ray] and the dataset
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
-	$(PIP) install -q -e ".[train,server,dev]"
+	$(PIP) install -q -e ".[train,server,dev,ray]"
 	touch $(STAMP)
 
 data: ## Fashion-MNIST from Debian's dataset-fashion-mnist (when root and apt are there)

@@ -15,7 +15,7 @@ from pathlib import Path
 from benchmarks.common import Section, md_table, met
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
-ORDER = ("inference", "kmeans", "training", "folders")
+ORDER = ("inference", "kmeans", "training", "folders", "predict")
 PREAMBLE = """# Benchmarks
 
 Side-by-side measurements for issue 7, written by `make bench`

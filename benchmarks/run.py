@@ -166,6 +166,10 @@ def _run_one(name: str, settings: BenchSettings, sizes, *, triton: bool) -> Sect
         from benchmarks import folder_bench
 
         return folder_bench.run(settings)
+    if name == "predict":
+        from benchmarks import predict_bench
+
+        return predict_bench.run(settings)
     from benchmarks import training_bench
 
     return training_bench.run(settings)

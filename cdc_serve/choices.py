@@ -118,6 +118,13 @@ class SharedMemory(str, enum.Enum):
     none = "none"  # inside the requests
 
 
+class Engine(str, enum.Enum):
+    """Where ``cdc-serve predict`` runs the scoring."""
+
+    local = "local"  # this process (decoding in worker processes), the default
+    ray = "ray"  # Ray Data actors, on a local Ray or a cluster (the ``ray`` extra)
+
+
 class OodScore(str, enum.Enum):
     """OOD scores (``cdc_serve.ood``); higher means more likely out of distribution."""
 

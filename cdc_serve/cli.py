@@ -21,6 +21,7 @@ from cdc_serve.choices import (
     Ablation,
     Backbone,
     Device,
+    Engine,
     ExportFormat,
     InstanceKind,
     Method,
@@ -360,7 +361,8 @@ def predict(
         "is on loopback; system: always; none: inside the requests).",
     ),
     output: Path | None = typer.Option(
-        None, help="preds.csv or preds.jsonl (default: print the summary only)."
+        None,
+        help="preds.csv, preds.jsonl or preds.parquet (default: print the summary only).",
     ),
     ood_score: OodScore | None = typer.Option(
         None, help="OOD score to use (default: the model's best)."
@@ -373,6 +375,19 @@ def predict(
     ),
     progress: bool | None = typer.Option(
         None, "--progress/--no-progress", help="Progress bar (default: on a terminal only)."
+    ),
+    engine: Engine = typer.Option(
+        Engine.local,
+        help="local: this process; ray: Ray Data actors (a local Ray for the run, or the "
+        "cluster at --ray-address; needs the ray extra). Same rows either way.",
+    ),
+    ray_address: str | None = typer.Option(
+        None, help="With --engine ray: the cluster to join (HEAD:6379, or auto on a node of it)."
+    ),
+    ray_actors: int | None = typer.Option(
+        None,
+        help="With --engine ray: scoring actors, each with one model copy (default: "
+        "one per CPU of the cluster).",
     ),
 ) -> None:
     """Score images: cluster ID, calibrated confidence, rejection and OOD flags per image."""
@@ -392,6 +407,9 @@ def predict(
         labels=labels,
         progress=sys.stderr.isatty() if progress is None else progress,
         shared_memory=shared_memory.value,
+        engine=engine.value,
+        ray_address=ray_address,
+        ray_actors=ray_actors,
     )
     typer.echo(summary.format())
 

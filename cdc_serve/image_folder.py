@@ -21,6 +21,10 @@ number and size, in bounded memory:
 
 The result (:class:`FolderImages`) carries the array, the sources in order, the labels
 (or ``None``), the class names and the skipped files. Only numpy and Pillow are needed.
+
+The same worker processes decode a stream of files for ``cdc-serve predict``
+(:class:`DecodePool`): tasks of a few files each, results in order, a bounded number of
+tasks in flight so that decoding the next chunk overlaps scoring the current one.
 """
 
 from __future__ import annotations
@@ -31,16 +35,20 @@ import multiprocessing
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from cdc_serve import CDCError
-from cdc_serve.preprocess import IMAGE_SUFFIXES, MAX_PIXELS, open_image, to_model_image
+from cdc_serve import CDCError, usable_cores
+from cdc_serve.preprocess import IMAGE_SUFFIXES, MAX_PIXELS, load_image
 
 CACHE_VERSION = 1
 CHUNK = 32  # images per task handed to a worker
+
+# Libraries whose threads a forked worker would inherit half-alive (see _pool).
+THREADED = ("torch", "onnxruntime", "grpc", "ray", "tritonclient")
 
 GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 
@@ -164,30 +172,30 @@ def _decode(task: tuple[int, list[str | None]]) -> list[str | None]:
             out.append(None)
             continue
         try:
-            img = open_image(f, _target["max_pixels"], draft=max(height, width))
-            images[start + i] = to_model_image(img, channels, (height, width))
+            images[start + i] = load_image(f, channels, (height, width), _target["max_pixels"])
             out.append(None)
         except CDCError as exc:
             out.append(str(exc).removeprefix(f"{f}: "))
-        except Exception as exc:  # noqa: BLE001  an exotic mode Pillow cannot convert
-            out.append(f"cannot convert ({type(exc).__name__}: {exc})")
+        except Exception as exc:  # noqa: BLE001  never let one odd file stop the others
+            out.append(f"cannot read ({type(exc).__name__}: {exc})")
     return out
 
 
 def _pool(workers: int, initargs: tuple):
     """``workers`` processes, or None for 1 (the work then runs in this process).
 
-    On Linux the workers are forked: from this process when torch is not loaded, else
-    from a fork server (a forked copy of torch's thread pools can hang), which starts
-    once per process with this module preloaded. Elsewhere they are spawned (a script
-    calling this then needs the usual ``if __name__ == "__main__":`` guard).
+    On Linux the workers are forked: from this process when no library that runs its own
+    threads is loaded (:data:`THREADED`), else from a fork server (a forked copy of
+    onnxruntime's or torch's thread pools, or of gRPC's, can hang), which starts once per
+    process with this module preloaded. Elsewhere they are spawned (a script calling
+    this then needs the usual ``if __name__ == "__main__":`` guard).
     """
     if workers <= 1:
         _start_worker(*initargs)
         return None
     if not sys.platform.startswith("linux"):
         method = "spawn"
-    elif "torch" not in sys.modules:
+    elif not any(name in sys.modules for name in THREADED):
         method = "fork"
     else:
         method = "forkserver"
@@ -245,7 +253,7 @@ def read_image_folder(
     cached = _load_cache(cache_dir, key, labels, class_names)
     if cached is not None:
         return cached
-    workers = max(1, min(workers or os.cpu_count() or 1, len(files) // CHUNK + 1))
+    workers = max(1, min(workers or usable_cores(), len(files) // CHUNK + 1))
     started = time.perf_counter()
     skipped: dict[int, str] = {}
     names = [str(f) for f in files]
@@ -394,3 +402,67 @@ def _load_cache(cache_dir, key: str, labels, class_names) -> FolderImages | None
     if labels is not None:  # the same listing (same key): the labels of the kept rows
         labels = labels[np.asarray(sidecar["rows"], dtype=np.int64)]
     return FolderImages(images, sidecar["sources"], labels, class_names, skipped, cached=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding a stream of files (``cdc-serve predict``)
+# ----------------------------------------------------------------------------------------------
+
+
+def _decode_arrays(files: list[str]) -> list[np.ndarray | str]:
+    """One task of :class:`DecodePool`: each file as uint8 ``C x H x W``, or why it failed."""
+    _, channels, height, width = _target["shape"]
+    out: list[np.ndarray | str] = []
+    for f in files:
+        try:
+            out.append(load_image(f, channels, (height, width), _target["max_pixels"]))
+        except CDCError as exc:
+            out.append(str(exc))
+        except Exception as exc:  # noqa: BLE001  never let one odd file stop the others
+            out.append(f"{f}: cannot read ({type(exc).__name__}: {exc})")
+    return out
+
+
+class DecodePool:
+    """Image files -> uint8 ``C x H x W`` arrays (or a one-line reason) in worker processes.
+
+    ``submit(files)`` hands the files to the workers in tasks of :data:`CHUNK` and returns
+    at once; ``collect(job)`` waits for that job's results, in the files' order. A caller
+    that submits the next chunk before collecting the current one keeps the workers busy
+    while it scores. With ``workers`` 1 the files are decoded in this process, at collect.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        size: tuple[int, int],
+        max_pixels: int = MAX_PIXELS,
+        workers: int | None = None,
+    ) -> None:
+        self.workers = max(1, workers or usable_cores())
+        self._initargs = ("", (0, channels, *size), max_pixels)
+        self._pool = _pool(self.workers, self._initargs)
+
+    def submit(self, files: Sequence[str]) -> list:
+        tasks = [list(files[i : i + CHUNK]) for i in range(0, len(files), CHUNK)]
+        if self._pool is None:
+            return tasks
+        return [self._pool.apply_async(_decode_arrays, (task,)) for task in tasks]
+
+    def collect(self, job: list) -> list[np.ndarray | str]:
+        if self._pool is None:
+            _start_worker(*self._initargs)  # this process is the worker
+            return [x for task in job for x in _decode_arrays(task)]
+        return [x for result in job for x in result.get()]
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.terminate()  # nothing is left to wait for once every job is collected
+            self._pool.join()
+            self._pool = None
+
+    def __enter__(self) -> DecodePool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

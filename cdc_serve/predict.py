@@ -20,20 +20,27 @@ is renamed to ``output`` (an atomic replace). ``resume=True`` reads the rows alr
 in ``<output>.partial`` (or a finished ``output``), skips those sources and appends
 the rest, so the final file has every input exactly once.
 
-Unreadable inputs become rows with ``error`` (the run goes on), and so do the images of
+Image files are decoded in worker processes, one per core
+(:class:`cdc_serve.image_folder.DecodePool`), the next chunk while the current one is
+scored; array items are sliced in threads. Unreadable inputs become rows with ``error``
+(the run goes on), and so do the images of
 a request the server refuses (a wrong datatype or shape: Triton's reason, one line, in
 ``error``). When the Triton server stays unreachable after the client's retries, the
 run stops with a CDCError that names the partial file; ``--resume`` completes it.
 
 Output columns: ``source, cluster_id, confidence, rejected, ood, ood_score, error``
-(CSV with a header, or one JSON object per line for ``.jsonl``): the file format is
-:mod:`cdc_serve.predict_output`, the printed summary :mod:`cdc_serve.predict_summary`.
+(CSV with a header, one JSON object per line for ``.jsonl``, or typed ``.parquet``): the
+file format is :mod:`cdc_serve.predict_output`, the printed summary
+:mod:`cdc_serve.predict_summary`.
+
+``engine="ray"`` (``--engine ray``) scores the same rows on Ray Data actors, on a local
+Ray or a cluster (:mod:`cdc_serve.ray_engine`); output, resume and summary are shared
+with the local engine (:class:`cdc_serve.predict_output.RowSink`).
 """
 
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -43,11 +50,22 @@ from typing import Any
 
 import numpy as np
 
-from cdc_serve import CDCError
+from cdc_serve import CDCError, usable_cores
+from cdc_serve.choices import Engine, values
 from cdc_serve.client import Client, Prediction
 from cdc_serve.idx import check_idx, is_idx, iter_idx_blocks, read_idx
+from cdc_serve.image_folder import DecodePool
 from cdc_serve.npy import read_npy
-from cdc_serve.predict_output import COLUMNS, RowWriter, format_of, read_done
+from cdc_serve.predict_output import (
+    COLUMNS,
+    RowSink,
+    RowWriter,
+    finish_output,
+    format_of,
+    journal_kind,
+    read_done,
+    reopen_finished,
+)
 from cdc_serve.predict_summary import Summary, Tally
 from cdc_serve.preprocess import (
     IMAGE_SUFFIXES,
@@ -69,11 +87,15 @@ PREDICT_RETRIES = 5  # per request; backoff 1, 2, 4, 8, 10 s: rides out a server
 
 @dataclass
 class Item:
-    """One input row: a source name and how to get its uint8 ``C x H x W`` image."""
+    """One input row: a source name and how to get its uint8 ``C x H x W`` image.
+
+    ``path`` is set for an image file: a :class:`DecodePool` may decode it instead of
+    ``load``, in the same way."""
 
     source: str
     load: Callable[[], np.ndarray] | None = None
     error: str | None = None
+    path: str | None = None
 
     def read(self) -> np.ndarray:
         if self.error is not None:
@@ -82,12 +104,13 @@ class Item:
         return self.load()
 
 
-def _walk_images(folder: Path) -> Iterator[Path]:
+def _walk_images(folder: str) -> Iterator[str]:
     """Image files below ``folder``, recursively, in sorted path order.
 
     Entries of each folder are sorted by name and sub-folders are entered at their place
     in that order, so the result is sorted by path components; only one folder listing
-    is held per level.
+    is held per level. Paths stay strings: a folder of millions of files is listed at the
+    speed of ``os.scandir``.
     """
     try:
         entries = sorted(os.scandir(folder), key=lambda e: e.name)
@@ -95,9 +118,9 @@ def _walk_images(folder: Path) -> Iterator[Path]:
         return
     for entry in entries:
         if entry.is_dir(follow_symlinks=False):
-            yield from _walk_images(Path(entry.path))
-        elif Path(entry.name).suffix.lower() in IMAGE_SUFFIXES and entry.is_file():
-            yield Path(entry.path)
+            yield from _walk_images(entry.path)
+        elif os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES and entry.is_file():
+            yield entry.path
 
 
 def _array_items(path: Path, meta: Any) -> Iterator[Item]:
@@ -147,17 +170,17 @@ def iter_items(inputs: Sequence[Path], meta: Any, max_pixels: int = MAX_PIXELS) 
     channels, size = meta.channels, tuple(meta.input_size)
     seen: set[str] = set()
 
-    def image_item(path: Path) -> Item:
-        return Item(str(path), lambda: load_image(path, channels, size, max_pixels))
+    def image_item(path: str) -> Item:
+        return Item(path, lambda: load_image(path, channels, size, max_pixels), path=path)
 
     for given in inputs:
         path = Path(given)
         if path.is_dir():
             empty = True
-            for file in _walk_images(path):
+            for file in _walk_images(str(path)):
                 empty = False
-                if str(file) not in seen:
-                    seen.add(str(file))
+                if file not in seen:
+                    seen.add(file)
                     yield image_item(file)
             if empty:
                 yield Item(str(path), error=f"{path}: folder holds no image files")
@@ -168,7 +191,7 @@ def iter_items(inputs: Sequence[Path], meta: Any, max_pixels: int = MAX_PIXELS) 
         if path.suffix.lower() == ".npy" or is_idx(path):
             yield from _array_items(path, meta)
         else:
-            yield image_item(path)
+            yield image_item(str(path))
 
 
 def _check_inputs(inputs: Sequence[Path]) -> None:
@@ -212,18 +235,43 @@ def _chunks(items: Iterator[Item], size: int) -> Iterator[list[Item]]:
         yield chunk
 
 
-def _score_chunk(client: Client, items: list[Item], pool: ThreadPoolExecutor) -> list[Prediction]:
-    """Decode a chunk (in threads), score the readable images, keep errors as rows."""
+def _read_one(item: Item) -> np.ndarray | str:
+    """An item's image, or the one-line reason it cannot be read."""
+    try:
+        return item.read()
+    except CDCError as exc:
+        return str(exc)
+    except Exception as exc:  # noqa: BLE001  never let one odd input stop the run
+        return f"{item.source}: cannot read ({type(exc).__name__}: {exc})"
 
-    def read(item: Item) -> np.ndarray | str:
-        try:
-            return item.read()
-        except CDCError as exc:
-            return str(exc)
-        except Exception as exc:  # noqa: BLE001  never let one odd input stop the run
-            return f"{item.source}: cannot read ({type(exc).__name__}: {exc})"
 
-    loaded = list(pool.map(read, items))
+def _start_reading(
+    items: list[Item], decoder: DecodePool | None, pool: ThreadPoolExecutor
+) -> Callable[[], list[np.ndarray | str]]:
+    """Start reading a chunk: image files go to ``decoder``'s workers, the rest to threads.
+
+    Returns at once with a function that waits for the images (or reasons), in order."""
+    files = [i for i, it in enumerate(items) if it.path is not None and decoder is not None]
+    job = decoder.submit([items[i].path for i in files]) if files else None
+    in_files = set(files)
+    others = {i: pool.submit(_read_one, it) for i, it in enumerate(items) if i not in in_files}
+
+    def wait() -> list[np.ndarray | str]:
+        loaded: list[np.ndarray | str] = [""] * len(items)
+        if job is not None:
+            for i, x in zip(files, decoder.collect(job), strict=True):
+                loaded[i] = x
+        for i, future in others.items():
+            loaded[i] = future.result()
+        return loaded
+
+    return wait
+
+
+def _score_chunk(
+    client: Client, items: list[Item], loaded: list[np.ndarray | str]
+) -> list[Prediction]:
+    """Score a chunk's readable images; the unreadable ones keep their reason as a row."""
     predictions = [
         Prediction(source=it.source, error=x if isinstance(x, str) else None)
         for it, x in zip(items, loaded, strict=True)
@@ -260,6 +308,10 @@ def predict(
     retries: int = PREDICT_RETRIES,
     on_chunk: Callable[[int], None] | None = None,
     shared_memory: str = "auto",
+    decode_workers: int | None = None,
+    engine: str = "local",
+    ray_address: str | None = None,
+    ray_actors: int | None = None,
 ) -> Summary:
     """Score every input and write one row each (see the module docstring).
 
@@ -267,7 +319,10 @@ def predict(
     the model is scored in process, ``local``). ``client`` reuses an existing
     :class:`Client` (``model``/``url`` are then ignored); ``shared_memory`` is
     :class:`Client`'s (how Triton requests carry their input); ``on_chunk(rows_written)``
-    is called after each chunk is safely on disk (a hook for progress reporting and tests).
+    is called after each chunk is safely on disk (a hook for progress reporting and tests);
+    ``decode_workers`` processes decode image files (None: one per core; 1: this process).
+    ``engine`` ``ray`` scores on Ray Data actors (``ray_actors`` of them, default one per
+    CPU) on a new local Ray, or on the cluster at ``ray_address``.
     """
     started = time.monotonic()
     inputs = [Path(p) for p in inputs]
@@ -278,15 +333,17 @@ def predict(
     if resume and output is None:
         raise CDCError("--resume needs --output (the file of the interrupted run)")
     label_array = read_labels(labels) if labels is not None else None
+    _check_engine(engine, client, ray_address, ray_actors)
 
     own_client = client is None
+    client_kwargs: dict[str, Any] = {}
     if client is None:
         if model is None and url is None:
             raise CDCError("give --model PATH (local scoring) or --url HOST:PORT (Triton)")
         if url is not None and protocol not in ("http", "grpc"):
             raise CDCError(f"protocol must be http or grpc, not {protocol!r}")
-        client = Client(
-            model=model if url is None else None,
+        client_kwargs = dict(
+            model=str(model) if url is None else None,
             url=url,
             protocol="local" if url is None else protocol,
             model_name=model_name,
@@ -298,6 +355,7 @@ def predict(
             backoff=1.0,
             shared_memory=shared_memory,
         )
+        client = Client(**client_kwargs)
     try:
         partial = Path(f"{output}.partial") if output is not None else None
         done = _rows_done(Path(output), partial, kind) if resume and partial else {}
@@ -310,75 +368,90 @@ def predict(
             output=str(output) if output is not None else None,
         )
         tally = Tally()
-        writer = RowWriter(partial, kind, append=bool(done)) if partial and kind else None
-        _score_all(inputs, client, batch_size, done, writer, tally, summary, progress, on_chunk)
+        writer = (
+            RowWriter(partial, journal_kind(kind), append=bool(done)) if partial and kind else None
+        )
+        sink = RowSink(done, writer, tally, summary, progress, on_chunk)
+        try:
+            if engine == Engine.ray.value:
+                from cdc_serve.ray_engine import score_on_ray
+
+                rows = batch_size * max(1, client.concurrency)
+                score_on_ray(inputs, client, client_kwargs, rows, sink, ray_address, ray_actors)
+            else:
+                _score_all(inputs, client, batch_size, sink, decode_workers)
+        finally:
+            sink.close()
     finally:
         if own_client:
             client.close()
-    if output is not None and partial is not None:
-        os.replace(partial, output)
+    if output is not None and partial is not None and kind is not None:
+        finish_output(partial, Path(output), kind)
     summary.seconds = time.monotonic() - started
     return tally.summary(summary, label_array)
+
+
+def _check_engine(
+    engine: str, client: Client | None, ray_address: str | None, ray_actors: int | None
+) -> None:
+    """Refuse a wrong engine, or Ray options without Ray, before any work starts."""
+    if engine not in values(Engine):
+        raise CDCError(f"engine must be one of {', '.join(values(Engine))}, not {engine!r}")
+    if engine == Engine.ray.value:
+        from cdc_serve.ray_engine import require_ray
+
+        require_ray()
+        if client is not None:
+            raise CDCError("engine ray opens a client in each actor: give model/url, not client")
+    elif ray_address is not None or ray_actors is not None:
+        raise CDCError("--ray-address and --ray-actors need --engine ray")
 
 
 def _rows_done(output: Path, partial: Path, kind: str | None) -> dict[str, Prediction]:
     """The rows an interrupted (or finished) run already wrote, by source (``--resume``)."""
     if not partial.exists() and output.exists():
-        partial.write_bytes(output.read_bytes())  # resume a finished run: nothing left to do
+        reopen_finished(output, partial, kind)  # resume a finished run: nothing left to do
     if not partial.exists() or kind is None:
         return {}
-    return read_done(partial, kind)
+    return read_done(partial, journal_kind(kind))
 
 
 def _score_all(
     inputs: Sequence[Path],
     client: Client,
     batch_size: int,
-    done: dict[str, Prediction],
-    writer: RowWriter | None,
-    tally: Tally,
-    summary: Summary,
-    progress: bool,
-    on_chunk: Callable[[int], None] | None,
+    sink: RowSink,
+    decode_workers: int | None = None,
 ) -> None:
-    """Read, score and write the inputs chunk by chunk; rows in ``done`` are not scored again."""
-    bar = _progress_bar() if progress else None
+    """Read, score and write the inputs chunk by chunk; rows in ``done`` are not scored again.
+
+    Reading runs one chunk ahead: chunk k+1 is being decoded while chunk k is scored."""
     chunk_size = batch_size * max(1, client.concurrency)
-    written = 0
+    done = sink.done
+    decoder: DecodePool | None = None
+    workers = decode_workers or usable_cores()
+
+    def finish(chunk: list[Item], todo: list[Item], wait: Callable) -> None:
+        try:
+            fresh = {p.source: p for p in _score_chunk(client, todo, wait())} if todo else {}
+        except CDCError as exc:
+            raise sink.stopped(exc) from None
+        sink.add([it.source for it in chunk], fresh)
+
     try:
         with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
+            pending = None
             for chunk in _chunks(iter_items(inputs, client.meta, client.max_pixels), chunk_size):
                 todo = [it for it in chunk if it.source not in done]
-                try:
-                    fresh = {p.source: p for p in _score_chunk(client, todo, pool)} if todo else {}
-                except CDCError as exc:
-                    where = (
-                        f"; {written + len(done)} rows are kept in {writer.path}: rerun with --resume"
-                        if writer is not None
-                        else ""
-                    )
-                    raise CDCError(f"{exc}{where}") from None
-                if writer is not None and fresh:
-                    writer.write([fresh[it.source] for it in todo])
-                for it in chunk:
-                    if it.source in fresh:
-                        tally.add(fresh[it.source])
-                    else:
-                        tally.add(done[it.source])
-                        summary.n_resumed += 1
-                written += len(fresh)
-                if bar is not None:
-                    bar.update(len(chunk))
-                if on_chunk is not None:
-                    on_chunk(written)
+                if decoder is None and workers > 1 and any(it.path for it in todo):
+                    size = tuple(client.meta.input_size)
+                    decoder = DecodePool(client.meta.channels, size, client.max_pixels, workers)
+                started = (chunk, todo, _start_reading(todo, decoder, pool))
+                if pending is not None:
+                    finish(*pending)
+                pending = started
+            if pending is not None:
+                finish(*pending)
     finally:
-        if writer is not None:
-            writer.close()
-        if bar is not None:
-            bar.close()
-
-
-def _progress_bar():
-    from tqdm import tqdm
-
-    return tqdm(unit="img", file=sys.stderr, dynamic_ncols=True, desc="scoring")
+        if decoder is not None:
+            decoder.close()

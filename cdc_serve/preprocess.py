@@ -157,8 +157,13 @@ def load_image(
     input_size: tuple[int, int],
     max_pixels: int = MAX_PIXELS,
 ) -> np.ndarray:
-    """Read an image file as uint8 ``C x H x W`` ready for :func:`normalise`."""
-    img = open_image(path, max_pixels)
+    """Read an image file as uint8 ``C x H x W`` ready for :func:`normalise`.
+
+    A JPEG much larger than ``input_size`` is decoded at reduced scale (``draft``, see
+    :func:`open_image`): every path to the model (training's folder reader, ``predict``,
+    :class:`~cdc_serve.client.Client`) decodes a file the same way.
+    """
+    img = open_image(path, max_pixels, draft=max(input_size))
     try:
         return to_model_image(img, channels, input_size)
     except CDCError as exc:

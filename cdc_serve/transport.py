@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from cdc_serve import CDCError
+from cdc_serve import CDCError, usable_cores
 from cdc_serve.contract import INPUT_NAME, META_PARAMETER, SCORE_OUTPUTS
 from cdc_serve.modelmeta import ModelMeta
 from cdc_serve.shm import DATATYPES, SharedInput, SharedMemoryUnavailable, is_loopback
@@ -56,13 +56,6 @@ class RequestRejected(CDCError):
     retrying will not help, but other requests may still succeed."""
 
 
-def _usable_cores() -> int:
-    """Cores this process may run on (the affinity mask where the OS has one)."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return os.cpu_count() or 1
-
-
 class LocalRunner:
     """onnxruntime in-process."""
 
@@ -71,7 +64,7 @@ class LocalRunner:
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = threads or _usable_cores()
+        options.intra_op_num_threads = threads or usable_cores()
         options.log_severity_level = 3
         providers = ["CPUExecutionProvider"]
         if "CUDAExecutionProvider" in ort.get_available_providers() and _gpu_present():

@@ -15,6 +15,18 @@ Per batch of ``B`` images (Algorithm 1; reference-facts.md "Training step"):
    calibration loss (Eq. 1) plus ``w_en`` times the negative entropy (Eq. 2) on the
    *detached* val features, which trains the calibration head only (stop-gradient).
 
+Several processes (torchrun, ``distributed.py``): ``B`` and ``B_s`` are global, each
+process holds ``B_s / W`` rows of every sub-batch (the global batch and its sub-batches
+hold the rows they hold in one process). Step 1
+runs on each process's rows; steps 2-3 are made by rank 0 on the global batch (every
+process's no-gradient predictions gathered) and broadcast, so Eq. 4's ``floor(B / C)``
+per class and the ``K`` mini-clusters are those of one process seeing the whole batch;
+step 4 runs under DDP, its losses weighted so that the averaged gradient is that of the
+global sub-batch (the clustering loss by each process's share of the selected samples,
+the entropy of Eq. 2 through ``distributed.batch_mean``). BatchNorm uses the global
+batch's statistics (``distributed.synced_batchnorm``). A sub-batch's clustering loss
+runs when every process has two selected samples in it (one process: two in all).
+
 The ablations of Table 2 are options of :class:`~cdc_serve_training.config.CDCConfig`:
 ``selection="fixed"`` (a global threshold instead of Eq. 4), ``heads="clu"`` (one head,
 no calibration loss, selecting with its own confidence), ``heads="clu+cal"`` (one head
@@ -32,9 +44,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
 from cdc_serve import CDCError
+from cdc_serve_training import distributed
 from cdc_serve_training.checkpoint import fingerprint, load_stage, save_stage
 from cdc_serve_training.config import CDCConfig
 from cdc_serve_training.heads import ClusteringModel
@@ -72,8 +86,12 @@ def negative_entropy_loss(cal_probs: torch.Tensor) -> torch.Tensor:
     factor; the reference implementation sums over the classes, as here (``w_en = 1``
     was tuned with the sum).
     """
-    mean = cal_probs.float().mean(dim=0)
-    return (mean * torch.log(mean.clamp_min(1e-8))).sum()
+    return negative_entropy(cal_probs.float().mean(dim=0))
+
+
+def negative_entropy(mean_probs: torch.Tensor) -> torch.Tensor:
+    """Eq. 2 of a batch-mean prediction ``pbar`` (``C``): ``sum_j pbar_j log pbar_j``."""
+    return (mean_probs * torch.log(mean_probs.clamp_min(1e-8))).sum()
 
 
 def select_pseudo_labels(
@@ -189,13 +207,15 @@ def train_cdc(
     ``data`` is an :class:`~cdc_serve_training.data.ImageData`, ``augmenter`` an
     :class:`~cdc_serve_training.augment.Augmenter`. A checkpoint is written after every
     epoch to ``checkpoint_path``; with ``resume=True`` training continues from it (same
-    settings, seed and data size; ``epochs`` may grow) and ends with the same weights as
-    an uninterrupted run (bit-identical on CPU).
+    settings, seed, data size and number of processes; ``epochs`` may grow) and ends with
+    the same weights as an uninterrupted run (bit-identical on CPU).
     """
     n = len(data)
     B = cfg.batch_size
     if n < B:
         raise CDCError(f"CDC batch size B={B} is larger than the data set ({n} images)")
+    distributed.check_divides(cfg.sub_batch_size, "the CDC sub-batch B_s", "--sub-batch-size")
+    progress = progress and distributed.is_main()
     _to_device(model, device)
     optimizer = _optimizer(model, cfg)
     # per epoch: the means of _train_batch's figures, and the epoch's wall time (summed
@@ -208,27 +228,36 @@ def train_cdc(
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         history, start_epoch = state["history"], int(state["epoch"])
+        if progress:
+            tqdm.write(f"CDC: resuming from {checkpoint_path} after epoch {start_epoch}/"
+                       f"{cfg.epochs}", file=sys.stderr)  # fmt: skip
 
     images = data.images.to(device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
-    for epoch in range(start_epoch, cfg.epochs):
-        started = time.perf_counter()
-        means = _train_epoch(model, images, augmenter, cfg, data.num_classes, optimizer,
-                             epoch_generator(seed, epoch, device), autocast, epoch, progress)  # fmt: skip
-        for key in _BATCH_STATS:
-            history[key].append(means[key])
-        history["seconds"].append(round(time.perf_counter() - started, 3))
-        if progress:
-            tqdm.write(
-                f"CDC epoch {epoch + 1}/{cfg.epochs}: loss_clu {history['loss_clu'][-1]:.4f} "
-                f"loss_cal {history['loss_cal'][-1]:.4f} loss_en {history['loss_en'][-1]:.4f} "
-                f"selected {100 * history['selected'][-1]:.1f}% "
-                f"({history['seconds'][-1]:.0f} s)",
-                file=sys.stderr,
-            )
-        if checkpoint_path is not None:
-            save_stage(checkpoint_path, stage, epoch + 1, model=model.state_dict(),
-                       optimizer=optimizer.state_dict(), history=history)  # fmt: skip
+    with distributed.synced_batchnorm(model, device=device):
+        _, cal_head = _heads(model, cfg)
+        step = distributed.wrap(_SubBatch(model, cal_head, cfg.stop_gradient, autocast), device,
+                                find_unused_parameters=True)  # fmt: skip
+        for epoch in range(start_epoch, cfg.epochs):
+            started = time.perf_counter()
+            generator = epoch_generator(distributed.rank_seed(seed), epoch, device)
+            means = _train_epoch(model, images, augmenter, cfg, data.num_classes, optimizer,
+                                 generator, autocast, epoch, progress, step)  # fmt: skip
+            distributed.average_batchnorm_stats(model)
+            for key in _BATCH_STATS:
+                history[key].append(means[key])
+            history["seconds"].append(round(time.perf_counter() - started, 3))
+            if progress:
+                tqdm.write(
+                    f"CDC epoch {epoch + 1}/{cfg.epochs}: loss_clu {history['loss_clu'][-1]:.4f} "
+                    f"loss_cal {history['loss_cal'][-1]:.4f} loss_en {history['loss_en'][-1]:.4f} "
+                    f"selected {100 * history['selected'][-1]:.1f}% "
+                    f"({history['seconds'][-1]:.0f} s)",
+                    file=sys.stderr,
+                )
+            if checkpoint_path is not None:
+                save_stage(checkpoint_path, stage, epoch + 1, model=model.state_dict(),
+                           optimizer=optimizer.state_dict(), history=history)  # fmt: skip
 
     if cfg.heads != "dual":  # single head: both outputs are that head
         model.cal_head.load_state_dict(model.clu_head.state_dict())
@@ -238,12 +267,17 @@ def train_cdc(
 
 def _train_epoch(
     model, images, augmenter, cfg: CDCConfig, num_classes, optimizer, generator, autocast,
-    epoch: int, progress: bool,
+    epoch: int, progress: bool, step=None,
 ) -> dict[str, float]:  # fmt: skip
-    """One epoch: the batches of a random order of ``images``; the means of their figures."""
+    """One epoch: the batches of a random order of ``images``; the means of their figures.
+
+    The order is rank 0's (the same on every process); each process trains on its share
+    of every global batch (``distributed.shard``); the figures are the processes' means.
+    """
     B = cfg.batch_size
     n_batches = len(images) // B
     order = torch.randperm(len(images), generator=generator, device=images.device)
+    order = distributed.broadcast(order)
     select_head, cal_head = _heads(model, cfg)
     model.train()
     sums = {key: 0.0 for key in _BATCH_STATS}
@@ -254,11 +288,12 @@ def _train_epoch(
         file=sys.stderr,
         leave=False,
     )
+    n_sub = B // cfg.sub_batch_size
     for b in bar:
-        x = images[order[b * B : (b + 1) * B]]
+        x = images[distributed.shard(order[b * B : (b + 1) * B], n_sub)]
         stats = _train_batch(
             model, x, augmenter, cfg, num_classes, select_head, cal_head, optimizer, generator,
-            autocast,
+            autocast, step,
         )  # fmt: skip
         for key, value in stats.items():
             sums[key] += value
@@ -268,7 +303,7 @@ def _train_epoch(
             sel=f"{100 * stats['selected']:.0f}%",
         )
     bar.close()
-    return {key: sums[key] / max(n_batches, 1) for key in _BATCH_STATS}
+    return distributed.average({key: sums[key] / max(n_batches, 1) for key in _BATCH_STATS})
 
 
 _BATCH_STATS = ("loss_clu", "loss_cal", "loss_en", "selected")  # what _train_batch returns
@@ -285,15 +320,20 @@ def _train_batch(
     optimizer: torch.optim.Optimizer,
     generator: torch.Generator,
     autocast,
+    step: nn.Module | None = None,
 ) -> dict[str, float]:
     """One batch of Algorithm 1; returns the batch's mean losses and selected share.
 
-    The losses are summed on the device and read once at the end, so the step waits for
-    the device only where the selection's size decides what runs next.
+    ``x`` is this process's share of the global batch (all of it in one process);
+    ``step`` the sub-batch forward of step 4 (:class:`_SubBatch`, under DDP with several
+    processes; by default a plain one). The losses are summed on the device and read once
+    at the end, so the step waits for the device only where the selection's size decides
+    what runs next.
     """
-    B, B_s = x.shape[0], cfg.sub_batch_size
+    W, B_s = distributed.world_size(), cfg.sub_batch_size // distributed.world_size()
+    step = step or _SubBatch(model, cal_head, cfg.stop_gradient, autocast)
 
-    # 1. predictions without gradients
+    # 1. predictions without gradients (this process's rows)
     with torch.no_grad(), autocast:
         x_val = _channels_last(augmenter.val(x))
         features_val = model.backbone(x_val).float()
@@ -301,62 +341,120 @@ def _train_batch(
         features_weak = model.backbone(_channels_last(augmenter.weak(x, generator=generator)))
         select_probs = torch.softmax(select_head(features_weak).float(), dim=1)
 
-    # 2. pseudo-labels (Eq. 4, or a fixed threshold for the ablation)
-    if cfg.selection == "dynamic":
-        selected, pseudo = select_pseudo_labels(select_probs, num_classes, cfg.label_by)
-    else:
-        selected, pseudo = select_fixed_threshold(select_probs, cfg.fixed_threshold)
-    labels = torch.full((B,), -1, dtype=torch.long, device=x.device)
-    labels[selected] = pseudo
-
-    # 3. mini-cluster targets (Eq. 1)
-    targets = None
-    if cal_head is not None:
-        k = min(cfg.mini_clusters, B)
-        _, mini = kmeans(
-            F.normalize(features_val, p=1, dim=1), k, n_iter=cfg.kmeans_iters, generator=generator
-        )
-        targets = calibration_targets(clu_probs, mini, k)
+    # 2.-3. pseudo-labels (Eq. 4) and mini-cluster targets (Eq. 1) of the global batch
+    n_sub = x.shape[0] // B_s
+    labels, targets = _global_labels_and_targets(
+        cfg, num_classes, n_sub, select_probs, features_val, clu_probs, cal_head is not None,
+        generator,
+    )  # fmt: skip
+    chosen_per = (labels >= 0).view(n_sub, W, B_s).sum(dim=2).tolist()  # [sub-batch][process]
+    selected = sum(map(sum, chosen_per))
+    labels = distributed.shard(labels, n_sub)
+    targets = None if targets is None else distributed.shard(targets, n_sub)
 
     # 4. sub-batches: clustering loss (Eq. 5) and calibration loss (Eq. 1 + w_en Eq. 2)
     zero = torch.zeros((), device=x.device)
     totals = {"loss_clu": zero, "loss_cal": zero, "loss_en": zero}
-    n_sub = B // B_s
     for s in range(n_sub):
         part = slice(s * B_s, (s + 1) * B_s)
         optimizer.zero_grad(set_to_none=True)
-        loss = zero
-        chosen = torch.nonzero(labels[part] >= 0).flatten() + s * B_s
-        if chosen.numel() > 1:  # BatchNorm needs two samples: a lone selection waits
+        counts = chosen_per[s]
+        strong = None
+        if min(counts) > 1:  # BatchNorm needs two samples (per process): a lone one waits
+            chosen = torch.nonzero(labels[part] >= 0).flatten() + s * B_s
             with autocast:
                 strong = _channels_last(augmenter.strong(x[chosen], generator=generator))
-                logits = model.clu_head(model.backbone(strong))
-            loss_clu = clustering_loss(logits, labels[chosen])
+        if strong is None and cal_head is None:
+            continue
+        clu_logits, cal_logits = step(
+            strong, features_val[part] if cfg.stop_gradient else x_val[part]
+        )
+        loss = zero
+        if clu_logits is not None:  # weighted by this process's share of the selected samples
+            loss_clu = clustering_loss(clu_logits, labels[chosen]) * (
+                counts[distributed.rank()] * W / sum(counts)
+            )
             loss = loss + loss_clu
             totals["loss_clu"] = totals["loss_clu"] + loss_clu.detach() / n_sub
-        if cal_head is not None:
-            if cfg.stop_gradient:
-                features = features_val[part]  # computed without gradients: stop-gradient
-            else:  # ablation Table 2-V: the calibration loss reaches the backbone
-                with autocast:
-                    features = model.backbone(x_val[part]).float()
-            cal_logits = cal_head(features).float()
+        if cal_logits is not None:
             loss_cal = calibration_loss(cal_logits, targets[part])
-            loss_en = negative_entropy_loss(torch.softmax(cal_logits, dim=1))
+            loss_en = negative_entropy(distributed.batch_mean(torch.softmax(cal_logits, dim=1)))
             loss = loss + loss_cal + cfg.w_en * loss_en
             totals["loss_cal"] = totals["loss_cal"] + loss_cal.detach() / n_sub
             totals["loss_en"] = totals["loss_en"] + loss_en.detach() / n_sub
-        if loss.requires_grad:
-            loss.backward()
-            optimizer.step()
+        loss.backward()
+        optimizer.step()
     values = torch.stack(list(totals.values())).tolist()  # the step's one read of the losses
     stats = dict(zip(totals, values, strict=True))
-    stats["selected"] = selected.numel() / B
+    stats["selected"] = selected / (x.shape[0] * W)
     if not math.isfinite(stats["loss_clu"] + stats["loss_cal"]):
         raise CDCError(
             "CDC training diverged (a loss became NaN or infinite); lower the learning rates"
         )
     return stats
+
+
+def _global_labels_and_targets(
+    cfg: CDCConfig, num_classes, n_sub: int, select_probs, features_val, clu_probs,
+    with_targets: bool, generator,
+) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """Steps 2-3 on the global batch: pseudo-labels (``-1``: not selected) and targets.
+
+    Every process's rows are gathered (no gradients) in the global batch's order (its
+    ``n_sub`` sub-batches); rank 0 selects (Eq. 4, or a fixed threshold for the ablation)
+    and runs the mini-cluster K-means on the L1-normalised val features, drawing from its
+    own stream, and broadcasts the result. One process: the batch's own selection and
+    targets. Returns ``B`` labels and ``B x C`` targets (None without a
+    calibration-trained head), in the global batch's order.
+    """
+    select_probs = distributed.all_gather(select_probs, n_sub)
+    B = select_probs.shape[0]
+    labels = torch.full((B,), -1, dtype=torch.long, device=select_probs.device)
+    targets = None
+    if with_targets:
+        features = distributed.all_gather(F.normalize(features_val, p=1, dim=1), n_sub)
+        clu_probs = distributed.all_gather(clu_probs, n_sub)
+        targets = torch.zeros_like(clu_probs)
+    if distributed.is_main():
+        if cfg.selection == "dynamic":
+            selected, pseudo = select_pseudo_labels(select_probs, num_classes, cfg.label_by)
+        else:
+            selected, pseudo = select_fixed_threshold(select_probs, cfg.fixed_threshold)
+        labels[selected] = pseudo
+        if with_targets:
+            k = min(cfg.mini_clusters, B)
+            _, mini = kmeans(features, k, n_iter=cfg.kmeans_iters, generator=generator)
+            targets = calibration_targets(clu_probs, mini, k)
+    labels = distributed.broadcast(labels)
+    return labels, None if targets is None else distributed.broadcast(targets)
+
+
+class _SubBatch(nn.Module):
+    """Step 4's forward with gradients, one module so that DDP sees what it trains.
+
+    ``forward(strong, val)`` returns ``(clu_logits, cal_logits)``: the clustering head on
+    the strong views of the selected samples (None when ``strong`` is None), and the
+    calibration-trained head (None without one) on ``val``, the detached val features
+    (stop-gradient) or, for the Table 2-V ablation, the val views through the backbone.
+    """
+
+    def __init__(self, model: ClusteringModel, cal_head, stop_gradient: bool, autocast) -> None:
+        super().__init__()
+        self.backbone, self.clu_head, self.cal_head = model.backbone, model.clu_head, cal_head
+        self.stop_gradient, self.autocast = stop_gradient, autocast
+
+    def forward(self, strong: torch.Tensor | None, val: torch.Tensor):
+        clu_logits = cal_logits = None
+        if strong is not None:
+            with self.autocast:
+                clu_logits = self.clu_head(self.backbone(strong))
+        if self.cal_head is not None:
+            features = val
+            if not self.stop_gradient:  # the calibration loss reaches the backbone
+                with self.autocast:
+                    features = self.backbone(val).float()
+            cal_logits = self.cal_head(features).float()
+        return clu_logits, cal_logits
 
 
 def _to_device(model: ClusteringModel, device: torch.device) -> ClusteringModel:

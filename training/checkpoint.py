@@ -11,10 +11,11 @@ Resume, one scheme for every stage (MoCo-v2, the head init, CDC, RUC):
 
 - a stage's *fingerprint* (:func:`fingerprint`) is a flat dict of everything that must
   be equal for a checkpoint to belong to the same run: the stage's settings, the seed,
-  the number of images and the process count; the epoch count is left out, so a run
-  may be resumed with more epochs;
+  the number of images and the process count (``world_size``, 1 without torchrun); the
+  epoch count is left out, so a run may be resumed with more epochs;
 - :func:`save_stage` writes ``{format, fingerprint, epoch, state...}`` atomically after
-  every epoch (or once, for a stage's final result such as ``backbone.pt``);
+  every epoch (or once, for a stage's final result such as ``backbone.pt``); under
+  torchrun rank 0 alone writes;
 - :func:`load_stage` returns ``None`` where no checkpoint exists, and otherwise either
   the saved state or the one :class:`cdc_serve.CDCError` that names every setting that
   changed (``seed 0 -> 1``), with what to do.
@@ -33,6 +34,7 @@ from typing import Any
 import torch
 
 from cdc_serve import CDCError, __version__
+from cdc_serve_training import distributed
 from cdc_serve_training.heads import ClusteringModel
 
 FORMAT = "cdc-serve/model"
@@ -116,15 +118,18 @@ def fingerprint(
     *,
     seed: int,
     n_images: int,
-    world_size: int = 1,
+    world_size: int | None = None,
     ignore: tuple[str, ...] = ("epochs",),
 ) -> dict[str, Any]:
     """What must match for a checkpoint of ``stage`` to be resumed (flat, JSON-like).
 
     ``settings`` is the stage's configuration (a dataclass's ``asdict`` or any mapping,
     nested mappings are flattened to dotted names); the keys in ``ignore`` (the epoch
-    count, by default) may change between runs.
+    count, by default) may change between runs. ``world_size`` is the number of
+    processes, by default this run's (``distributed.world_size()``: 1 without torchrun).
     """
+    if world_size is None:
+        world_size = distributed.world_size()
     flat = {k: v for k, v in _flatten(settings).items() if k.split(".")[-1] not in ignore}
     return {
         "stage": stage,
@@ -149,8 +154,14 @@ def changed_settings(saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> lis
 
 def save_stage(
     path: str | os.PathLike, fingerprint: Mapping[str, Any], epoch: int, **state
-) -> Path:
-    """A stage's resumable state after ``epoch`` epochs (model, optimiser, RNG, history...)."""
+) -> Path | None:
+    """A stage's resumable state after ``epoch`` epochs (model, optimiser, RNG, history...).
+
+    Under torchrun only rank 0 writes (every process holds the same state, or passes its
+    own through ``distributed.per_rank``); the others return ``None``.
+    """
+    if not distributed.is_main():
+        return None
     payload = {
         "format": STAGE_FORMAT,
         "format_version": STAGE_FORMAT_VERSION,
@@ -198,7 +209,16 @@ def load_stage(
             f"{path} has checkpoint version {state.get('format_version')!r}; this cdc-serve "
             f"reads version {STAGE_FORMAT_VERSION}: delete it or train into another --out"
         )
-    changed = changed_settings(state.get("fingerprint") or {}, dict(fingerprint))
+    saved = state.get("fingerprint") or {}
+    changed = changed_settings(saved, dict(fingerprint))
+    if saved.get("world_size", 1) != fingerprint.get("world_size", 1):
+        before, now = saved.get("world_size", 1), fingerprint.get("world_size", 1)
+        how = "without torchrun" if before == 1 else f"torchrun --nproc-per-node {before}"
+        raise CDCError(
+            f"cannot resume from {path}: it was written by a run of {before} "
+            f"process{'es' if before != 1 else ''}, this one has {now} ({', '.join(changed)}); "
+            f"resume with the same number of processes ({how}) or train into another --out"
+        )
     if changed:
         raise CDCError(
             f"cannot resume from {path}: it was written with other {what} settings "

@@ -23,6 +23,17 @@ Details:
 - Channels-last tensors (faster on GPUs, and ~20 % on this CPU for the small CNN); on
   CUDA with ``amp``, bf16 autocast. Images move to the device once; augmentation and all
   random draws of the loop happen there (``Augmenter``, a generator on the device).
+- Several processes (torchrun, ``distributed.py``): ``batch_size`` is the global batch,
+  each process runs its ``1 / W`` share of every step (the epoch's order is rank 0's,
+  broadcast) with its own augmentation stream. The query encoder runs under DDP
+  (``MoCo.forward``), which averages the gradients; the key encoder stays per process,
+  each running its share in ``shuffle_bn_splits / W`` chunks (at least 1), so that a
+  chunk still holds ``batch_size / shuffle_bn_splits`` keys. The keys of all processes
+  are gathered before they are enqueued: every process holds the same queue. The query
+  encoder's BatchNorm uses the global batch's statistics (SyncBatchNorm on CUDA,
+  ``distributed.GlobalBatchNorm`` on the CPU), the key encoder's stays per process
+  (shuffle BN; its running statistics are averaged after every epoch). A checkpoint
+  keeps every process's random state.
 """
 
 from __future__ import annotations
@@ -38,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cdc_serve_training import distributed
 from cdc_serve_training.augment import Augmenter
 from cdc_serve_training.checkpoint import fingerprint, load_stage, save_stage
 from cdc_serve_training.config import MocoConfig
@@ -77,6 +89,12 @@ class MoCo(nn.Module):
 
     def query(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.projector(self.backbone(x)), dim=1)
+
+    def forward(
+        self, x1: torch.Tensor, x2: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The queries of one view or two (what DDP runs: gradients reach the query encoder)."""
+        return self.query(x1), None if x2 is None else self.query(x2)
 
     @torch.no_grad()
     def momentum_update(self, m: float) -> None:
@@ -158,6 +176,8 @@ def pretrain_moco(
     """
     device = torch.device(device)
     cfg.validate(len(data))
+    distributed.check_divides(cfg.batch_size, "the MoCo-v2 batch")
+    progress = progress and distributed.is_main()
     if cfg.crop_scale is not None:
         augmenter = copy.copy(augmenter)
         augmenter.crop_scale = (float(cfg.crop_scale[0]), float(cfg.crop_scale[1]))
@@ -165,7 +185,7 @@ def pretrain_moco(
     # (batch order, augmentation, key shuffles) from one generator on the training device,
     # so nothing is copied between host and device for randomness.
     model = MoCo(backbone, cfg, torch.Generator().manual_seed(seed)).to(device)
-    generator = torch.Generator(device=device).manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(distributed.rank_seed(seed))
     # Channels-last convolutions are faster on GPUs and on this CPU too (measured ~20 %).
     model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(
@@ -180,6 +200,9 @@ def pretrain_moco(
     state = load_stage(checkpoint_path, stage) if resume and checkpoint_path else None
     if state is not None:
         start_epoch, history = run.restore(state)
+        if progress:
+            print(f"MoCo: resuming from {checkpoint_path} after epoch {start_epoch}/{cfg.epochs}",
+                  file=sys.stderr)  # fmt: skip
 
     images = data.images.to(device)  # uint8, moved once
     steps = len(data) // cfg.batch_size  # the last partial batch is dropped
@@ -196,18 +219,21 @@ def pretrain_moco(
             disable=None,
         )
     model.train()
-    for epoch in range(start_epoch, cfg.epochs):
-        started = time.perf_counter()
-        mean_loss = run.epoch(images, epoch, steps, bar)
-        seconds = time.perf_counter() - started
-        history.append({"epoch": epoch + 1, "loss": mean_loss, "seconds": seconds})
-        if bar is not None:  # one line per epoch, above the bar; all a log or a pipe gets
-            bar.write(
-                f"MoCo epoch {epoch + 1}/{cfg.epochs}: loss {mean_loss:.4f} ({seconds:.0f} s)",
-                file=sys.stderr,
-            )
-        if checkpoint_path is not None:
-            save_stage(checkpoint_path, stage, epoch + 1, **run.state(), history=history)
+    with distributed.synced_batchnorm(model.backbone, model.projector, device=device):
+        run.queries = distributed.wrap(model, device)  # the query encoder under DDP
+        for epoch in range(start_epoch, cfg.epochs):
+            started = time.perf_counter()
+            mean_loss = run.epoch(images, epoch, steps, bar)
+            distributed.average_batchnorm_stats(model)
+            seconds = time.perf_counter() - started
+            history.append({"epoch": epoch + 1, "loss": mean_loss, "seconds": seconds})
+            if bar is not None:  # one line per epoch, above the bar; all a log or a pipe gets
+                bar.write(
+                    f"MoCo epoch {epoch + 1}/{cfg.epochs}: loss {mean_loss:.4f} ({seconds:.0f} s)",
+                    file=sys.stderr,
+                )
+            if checkpoint_path is not None:
+                save_stage(checkpoint_path, stage, epoch + 1, **run.state(), history=history)
     if bar is not None:
         bar.close()
 
@@ -221,70 +247,82 @@ class _Run:
 
     def __init__(self, model: MoCo, optimizer, generator, augmenter, cfg, device, amp) -> None:
         self.model, self.optimizer, self.generator = model, optimizer, generator
+        self.queries = model  # the model itself, or under DDP (pretrain_moco sets it)
         self.augmenter, self.cfg, self.device = augmenter, cfg, device
         self.cuda = device.type == "cuda"
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda and amp)
 
     def state(self) -> dict:
-        """What a checkpoint holds besides the fingerprint, the epoch and the history."""
+        """What a checkpoint holds besides the fingerprint, the epoch and the history.
+
+        The random states are every process's (``distributed.per_rank``; one process: its own).
+        """
+        cuda_rng = torch.cuda.get_rng_state(self.device) if self.cuda else None
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "generator": self.generator.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.cuda else None,
+            "generator": distributed.per_rank(self.generator.get_state()),
+            "torch_rng": distributed.per_rank(torch.get_rng_state()),
+            "cuda_rng": None if cuda_rng is None else distributed.per_rank(cuda_rng),
         }
 
     def restore(self, state: dict) -> tuple[int, list]:
         """Load a checkpoint's state; returns (epochs done, history)."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
+        self.generator.set_state(distributed.own(state["generator"]))
+        torch.set_rng_state(distributed.own(state["torch_rng"]))
         if self.cuda and state.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+            torch.cuda.set_rng_state(distributed.own(state["cuda_rng"]), self.device)
         return int(state["epoch"]), list(state["history"])
 
     def epoch(self, images: torch.Tensor, epoch: int, steps: int, bar) -> float:
-        """One epoch of InfoNCE steps over a random order of ``images``; its mean loss."""
+        """One epoch of InfoNCE steps over a random order of ``images``; its mean loss.
+
+        The order is rank 0's (the same on every process); each process trains on its
+        share of every step's global batch (``distributed.shard``).
+        """
         cfg, generator = self.cfg, self.generator
         order = torch.randperm(len(images), generator=generator, device=self.device)
+        order = distributed.broadcast(order)
         total_loss = torch.zeros((), device=self.device)
         for step in range(steps):
             lr = learning_rate(cfg, epoch * steps + step, steps)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            batch = images[order[step * cfg.batch_size : (step + 1) * cfg.batch_size]]
-            loss = self.step(batch)
+            batch = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+            loss = self.step(images[distributed.shard(batch)])
             total_loss += loss.detach()
             if bar is not None:
                 bar.update(1)
                 if step % 10 == 0:
                     bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}", lr=f"{lr:.3g}")
-        return float(total_loss) / max(1, steps)
+        return distributed.average({"loss": float(total_loss) / max(1, steps)})["loss"]
 
     def step(self, batch: torch.Tensor) -> torch.Tensor:
-        """One MoCo-v2 step: two views, momentum update, InfoNCE, SGD, enqueue the keys."""
+        """One MoCo-v2 step: two views, momentum update, InfoNCE, SGD, enqueue the keys.
+
+        ``batch`` is this process's share of the step's images (all of them in one process).
+        """
         cfg, model, generator = self.cfg, self.model, self.generator
         x1 = self.augmenter.moco(batch, generator).contiguous(memory_format=torch.channels_last)
         x2 = self.augmenter.moco(batch, generator).contiguous(memory_format=torch.channels_last)
         shuffle = torch.randperm(len(batch), generator=generator, device=self.device)
-        splits = cfg.shuffle_bn_splits
+        splits = max(1, cfg.shuffle_bn_splits // distributed.world_size())
         with self.autocast:
             model.momentum_update(cfg.key_momentum)
-            q1 = model.query(x1)
+            q1, q2 = self.queries(x1, x2 if cfg.symmetric else None)
             k2 = model.keys(x2, shuffle, splits)
             loss = info_nce(q1, k2, model.queue, cfg.temperature)
             keys = k2
             if cfg.symmetric:
-                q2 = model.query(x2)
                 k1 = model.keys(x1, shuffle, splits)
                 loss = 0.5 * (loss + info_nce(q2, k1, model.queue, cfg.temperature))
                 keys = torch.cat([k2, k1])
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        model.enqueue(keys)
+        model.enqueue(distributed.all_gather(keys))  # every process's keys: one queue
         return loss
 
 

@@ -28,6 +28,7 @@ from cdc_serve.contract import (
     PROBS,
     SERVED_OUTPUTS,
 )
+from cdc_serve.datasets import parse_class_filter
 from cdc_serve.preprocess import normalise_with
 from cdc_serve.served_graph import check_scores
 from cdc_serve_training.heads import CalibratedInference
@@ -42,10 +43,35 @@ def inference_module(model):
     return inference
 
 
+def _folder_batch(folder: str, channels: int, size: tuple[int, int], n: int) -> np.ndarray:
+    """The first ``n`` readable images of an image folder, decoded as ``predict`` does."""
+    from cdc_serve.image_folder import list_images
+    from cdc_serve.preprocess import load_image
+
+    images = []
+    for path in list_images(Path(folder))[0]:
+        try:
+            images.append(load_image(path, channels, size))
+        except CDCError:
+            continue
+        if len(images) == n:
+            break
+    if not images:
+        raise CDCError(f"{folder}: no readable image")
+    return np.stack(images)
+
+
 def verification_batch(info: dict, data_root, n: int) -> tuple[np.ndarray, str]:
     """Real uint8 images from the model's own data set (random images if it is absent)."""
     pre = info["preprocess"]
     channels, (h, w) = int(pre["channels"]), pre["input_size"]
+    dataset = parse_class_filter(str(info.get("dataset", "")))[0]
+    if dataset.startswith("imagefolder:"):  # the user's folder, where it still is
+        try:
+            images = _folder_batch(dataset.removeprefix("imagefolder:"), channels, (h, w), n)
+            return images, f"the first {len(images)} images of {dataset}"
+        except CDCError:
+            pass  # moved or gone: random images below
     try:
         from cdc_serve_training.data import load_dataset
 

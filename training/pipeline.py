@@ -19,7 +19,14 @@ number of images is refused with one error naming what changed.
                 (``cdc_serve.ood.fit_ood``)
 7. save         ``model.pth`` (``checkpoint.save_model``), ``metrics.json`` and
                 ``train_log.json`` (per stage: seconds, peak RSS and, on CUDA, peak GPU
-                memory; per-epoch history; metrics right after init; device name)
+                memory; per-epoch history; metrics right after init; device name; the
+                number of processes and a sha256 of each process's final weights)
+
+Under torchrun (``distributed.py``) every process runs ``train``: all of them load the
+data (rank 0 first: it may write an image folder's cache), pretrain and train CDC
+together (the batches are global, split over the processes); rank 0 alone computes the
+features, the K-means row and the head initialisation (broadcast to the others), and
+alone evaluates and writes files. RUC trains in one process only.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ from cdc_serve.metrics_json import (
     metrics_document,
     write_metrics,
 )
+from cdc_serve_training import distributed
 from cdc_serve_training.checkpoint import (
     arch_of,
     fingerprint,
@@ -227,12 +235,15 @@ def stage_data(run: Run) -> None:
             cache_dir=str(run.out), strict=d.strict, progress=config.progress, labels=d.labels,
         )  # fmt: skip
         _check_folder(config, folder)
-    run.data = load_dataset(d.name, d.root, d.split, d.download, d.limit, config.seed,
-                            folder=folder)  # fmt: skip
-    for line in adapt_to_data(config, len(run.data)):
+    with distributed.main_first():  # rank 0 may write an image folder's cache: it goes first
+        run.data = load_dataset(d.name, d.root, d.split, d.download, d.limit, config.seed,
+                                folder=folder)  # fmt: skip
+    for line in adapt_to_data(config, len(run.data), distributed.world_size()):
         _log(line, config.progress)
     validate_against_data(config, len(run.data), run.data.num_classes)
-    _write_skipped(run)
+    _check_processes(config)
+    if distributed.is_main():
+        _write_skipped(run)
     _log(
         f"{run.data.name}: {len(run.data)} images, {run.data.num_classes} clusters, "
         f"{run.data.channels}x{run.data.size[0]}x{run.data.size[1]}, device {run.device}",
@@ -256,8 +267,24 @@ def _check_folder(config: TrainConfig, folder) -> None:
     n = min(len(files), config.data.limit or len(files))
     trial = dataclasses.replace(config, cdc=dataclasses.replace(config.cdc),
                                 moco=dataclasses.replace(config.moco))  # fmt: skip
-    adapt_to_data(trial, n)
+    adapt_to_data(trial, n, distributed.world_size())
     validate_against_data(trial, n, num_clusters)
+    _check_processes(trial)
+
+
+def _check_processes(config: TrainConfig) -> None:
+    """Under torchrun: CDC only, and global batches that split over the processes."""
+    if distributed.world_size() == 1:
+        return
+    if config.method != "cdc":
+        raise CDCError(
+            f"--method {config.method} trains in one process: run it without torchrun "
+            "(or with --nproc-per-node 1)"
+        )
+    if config.moco.epochs > 0:
+        distributed.check_divides(config.moco.batch_size, "the MoCo-v2 batch")
+    distributed.check_divides(config.cdc.sub_batch_size, "the CDC sub-batch B_s",
+                              "--sub-batch-size (and --batch-size)")  # fmt: skip
 
 
 def _write_skipped(run: Run) -> None:
@@ -284,7 +311,12 @@ def stage_pretrain(run: Run) -> None:
 
 
 def stage_kmeans(run: Run) -> None:
-    """3. Backbone features of every image, and the K-means baseline when labels exist."""
+    """3. Backbone features of every image, and the K-means baseline when labels exist.
+
+    Rank 0 only: the other processes need neither (the init is rank 0's, broadcast).
+    """
+    if not distributed.is_main():
+        return
     config, data = run.config, run.data
     run.features = backbone_features(run.backbone, data, run.device, config.eval_batch_size)
     if data.labels is not None:
@@ -301,12 +333,24 @@ def init_fingerprint(config: TrainConfig, n_images: int) -> dict:
 
 
 def stage_init(run: Run) -> None:
-    """4. Both heads initialised (prototypes or random), or ``init.pt`` when resuming."""
+    """4. Both heads initialised (prototypes or random), or ``init.pt`` when resuming.
+
+    Computed (or read) once, by rank 0, and broadcast to the other processes.
+    """
+    config, data = run.config, run.data
+    model = ClusteringModel(run.backbone, config.model.hidden, data.num_classes)
+    model = model.to(run.device)
+    if distributed.is_main():
+        _init_on_main(run, model)
+    distributed.broadcast_module(model)
+    run.model = model
+
+
+def _init_on_main(run: Run, model: ClusteringModel) -> None:
+    """The head initialisation from the features (or ``init.pt``), and its metrics."""
     from cdc_serve_training.init import init_heads
 
     config, data, features = run.config, run.data, run.features
-    model = ClusteringModel(run.backbone, config.model.hidden, data.num_classes)
-    model = model.to(features.device)
     done, stage = run.out / "init.pt", init_fingerprint(config, len(data))
     state = load_stage(done, stage, features.device) if run.resume else None
     if state is not None:
@@ -325,7 +369,6 @@ def stage_init(run: Run) -> None:
             seed=config.seed,
         )
         save_stage(done, stage, 0, state_dict=model.state_dict())
-    run.model = model
     run.log["init_metrics"] = _init_metrics(model, features, data.labels)
 
 
@@ -369,7 +412,7 @@ def stage_ruc(run: Run) -> None:
 
 
 def stage_evaluate(run: Run) -> None:
-    """6. Both heads over the data: metrics (with labels) and the OOD thresholds."""
+    """6. Both heads over the data: metrics (with labels) and the OOD thresholds (rank 0)."""
     from cdc_serve.ood import fit_ood
 
     config, data = run.config, run.data
@@ -390,7 +433,7 @@ def stage_evaluate(run: Run) -> None:
 
 
 def stage_save(run: Run) -> None:
-    """7. ``model.pth`` and ``metrics.json``."""
+    """7. ``model.pth`` and ``metrics.json`` (rank 0)."""
     config, data = run.config, run.data
     save_model(
         run.out / "model.pth",
@@ -426,20 +469,46 @@ STAGES = {
             stage_save),
     "ruc": (stage_data, stage_pretrain, stage_kmeans, stage_ruc, stage_evaluate, stage_save),
 }  # fmt: skip
+MAIN_ONLY = (stage_evaluate, stage_save)  # what rank 0 alone runs under torchrun
 
 
 def train(config: TrainConfig, resume: bool = False) -> Path:
-    """Run every stage; returns the path of ``model.pth`` (``metrics.json`` lies beside it)."""
+    """Run every stage; returns the path of ``model.pth`` (``metrics.json`` lies beside it).
+
+    Under torchrun every process calls it (``distributed.session``): rank 0 logs and
+    writes, the others train with it and wait for it at the end.
+    """
     config = config.validate()
-    Path(config.out).mkdir(parents=True, exist_ok=True)
-    device = resolve_device(config.device)
-    seed_everything(config.seed)
-    run = Run(config=config, resume=resume, device=device, recorder=StageRecorder(device))
-    run.log["config"] = config.to_dict()
-    for stage in STAGES[config.method]:
-        with run.recorder.stage(stage.__name__.removeprefix("stage_")):
-            stage(run)
-    run.log.update(run.recorder.log())
-    (run.out / "train_log.json").write_text(json.dumps(run.log, indent=2, default=str) + "\n")
-    print_summary(run.metrics, run.recorder)
+    with distributed.session(resolve_device(config.device)) as device, distributed.one_voice():
+        if not distributed.is_main():  # one process prints: the others keep quiet
+            config = dataclasses.replace(config, progress=False)
+        if distributed.is_main():
+            Path(config.out).mkdir(parents=True, exist_ok=True)
+        if resume:
+            _check_same_checkpoints(Path(config.out))
+        seed_everything(config.seed)
+        run = Run(config=config, resume=resume, device=device, recorder=StageRecorder(device))
+        run.log["config"] = config.to_dict()
+        run.log["world_size"] = distributed.world_size()
+        for stage in STAGES[config.method]:
+            if distributed.is_main() or stage not in MAIN_ONLY:
+                with run.recorder.stage(stage.__name__.removeprefix("stage_")):
+                    stage(run)
+        run.log["rank_weight_digests"] = distributed.digests(run.model)
+        if distributed.is_main():
+            run.log.update(run.recorder.log())
+            log = json.dumps(run.log, indent=2, default=str) + "\n"
+            (run.out / "train_log.json").write_text(log)
+            print_summary(run.metrics, run.recorder)
     return run.out / "model.pth"
+
+
+def _check_same_checkpoints(out: Path) -> None:
+    """Under torchrun, ``--resume`` needs every process to see the same checkpoints."""
+    names = ("pretrain.ckpt", "backbone.pt", "init.pt", "cdc.ckpt", "ruc.ckpt")
+    seen = [f"{name} {(out / name).stat().st_size}" for name in names if (out / name).is_file()]
+    if not distributed.same_everywhere("\n".join(seen)):
+        raise CDCError(
+            f"--resume: the processes do not see the same checkpoints in {out}; with several "
+            "nodes, --out must be a folder that every node shares"
+        )

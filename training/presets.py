@@ -268,7 +268,7 @@ def make_config(
     return config.validate()
 
 
-def adapt_to_data(config: TrainConfig, n_images: int) -> list[str]:
+def adapt_to_data(config: TrainConfig, n_images: int, world_size: int = 1) -> list[str]:
     """Batch sizes for small data sets, in place; returns what changed, for the log.
 
     The rule: when the CDC batch ``B`` is larger than half the data, ``B`` becomes half
@@ -277,14 +277,16 @@ def adapt_to_data(config: TrainConfig, n_images: int) -> list[str]:
     halves while it is larger than half the data (down to 8). Settings given on the
     command line (``--batch-size``, ``--sub-batch-size``, ``--mini-clusters``) are left
     as they are. With the quick preset, 200 images train with ``B = 100``, ``B_s = 50``,
-    ``K = 1`` and a MoCo batch of 64.
+    ``K = 1`` and a MoCo batch of 64. With ``world_size`` processes (torchrun) ``B_s``
+    is rounded down to a multiple of it, so that it splits over them.
     """
     cdc, moco = config.cdc, config.moco
     before = (cdc.batch_size, cdc.sub_batch_size, cdc.mini_clusters, moco.batch_size)
     fixed = set(config.set_by_user) & {"batch_size", "sub_batch_size", "mini_clusters"}
     if not fixed and cdc.batch_size > n_images // 2 >= 2:
         share = cdc.batch_size // cdc.sub_batch_size
-        new = max(share, (n_images // 2) // share * share)  # a multiple of B / B_s
+        unit = share * world_size  # B a multiple of B / B_s, B_s of the processes
+        new = max(unit, (n_images // 2) // unit * unit)
         cdc.mini_clusters = max(1, round(cdc.mini_clusters * new / cdc.batch_size))
         cdc.batch_size, cdc.sub_batch_size = new, new // share
     while moco.batch_size > n_images // 2 and moco.batch_size >= 16:

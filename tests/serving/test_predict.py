@@ -304,3 +304,38 @@ def test_empty_array_and_float_idx(model_dir, tmp_path):
     with Client(model=model_dir) as client:
         want = [p.cluster_id for p in client.predict(unit)]
     assert [int(r["cluster_id"]) for r in rows[1:]] == want
+
+
+def test_worker_processes_decode_as_this_process_does(model_dir, tmp_path):
+    """Image files decoded by the worker processes give the same rows, error rows included,
+    as decoding in the scoring process, for PNGs, JPEGs (large ones at reduced scale) and
+    broken files."""
+    folder = image_folder(tmp_path / "imgs", 40)
+    for i, side in enumerate((9, 64, 300, 1200)):
+        Image.fromarray(noise((side, side + 7, 3), seed=i)).save(folder / f"photo{i}.jpg")
+    (folder / "zero.png").write_bytes(b"")
+    (folder / "text.jpg").write_text("not a JPEG")
+    outs = {}
+    for workers in (1, 2):
+        outs[workers] = tmp_path / f"w{workers}.csv"
+        summary = predict([folder], model=model_dir, output=outs[workers], batch_size=4,
+                          decode_workers=workers)  # fmt: skip
+        assert summary.n == 46 and summary.n_errors == 2
+    assert outs[1].read_text() == outs[2].read_text()
+
+
+def test_decode_pool_uses_its_processes_and_keeps_the_order(tmp_path):
+    import multiprocessing
+
+    from cdc_serve.image_folder import CHUNK, DecodePool
+    from cdc_serve.preprocess import load_image
+
+    files = [str(p) for p in sorted(image_folder(tmp_path / "imgs", 3 * CHUNK + 5).rglob("*.png"))]
+    files.insert(7, str(tmp_path / "missing.png"))
+    with DecodePool(1, (6, 6), workers=2) as pool:
+        assert len(multiprocessing.active_children()) == 2
+        first, second = pool.submit(files[:50]), pool.submit(files[50:])
+        got = pool.collect(first) + pool.collect(second)
+    assert isinstance(got[7], str) and "missing.png" in got[7]
+    want = [load_image(f, 1, (6, 6)) for f in files[:7] + files[8:]]
+    assert all((a == b).all() for a, b in zip(got[:7] + got[8:], want, strict=True))

@@ -158,3 +158,12 @@ def test_a_labels_csv_gives_the_labelled_metrics(photos, tmp_path):
     bad.write_text("file,label\n00000.png,x\n")
     result = _train(folder, tmp_path / "run2", "--num-clusters", "10", "--labels", str(bad))
     assert result.exit_code == 2 and "is not an integer" in result.output
+
+
+def test_export_of_a_folder_model_verifies_on_the_folders_images(photos, trained, tmp_path):
+    folder, _ = photos
+    out, _ = trained
+    args = ["export", str(out / "model.pth"), "--out", str(tmp_path / "repo"), "--name", "own"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert f"the first 64 images of imagefolder:{folder}" in result.output, result.output
