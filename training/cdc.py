@@ -23,8 +23,8 @@ process's no-gradient predictions gathered) and broadcast, so Eq. 4's ``floor(B 
 per class and the ``K`` mini-clusters are those of one process seeing the whole batch;
 step 4 runs under DDP, its losses weighted so that the averaged gradient is that of the
 global sub-batch (the clustering loss by each process's share of the selected samples,
-the entropy of Eq. 2 through ``distributed.batch_mean``). BatchNorm uses the global
-batch's statistics (``distributed.synced_batchnorm``). A sub-batch's clustering loss
+the entropy of Eq. 2 through ``distributed.batch_mean``). BatchNorm is SyncBatchNorm on
+CUDA, per process on the CPU (``distributed.synced_batchnorm``). A sub-batch's clustering loss
 runs when every process has two selected samples in it (one process: two in all).
 
 The ablations of Table 2 are options of :class:`~cdc_serve_training.config.CDCConfig`:

@@ -24,12 +24,12 @@ The scheme, in the order a run meets it (``W`` processes; "rank 0" is the main p
    which averages the processes' gradients; the losses are written so that this average
    is the gradient of the global batch's loss (:func:`batch_mean` for a mean over the
    batch inside a loss).
-5. BatchNorm: while a stage trains, the batch statistics are those of the global batch
-   (:func:`synced_batchnorm`): SyncBatchNorm on CUDA, and on the CPU, where SyncBatchNorm
-   does not run, :class:`GlobalBatchNorm` (the same statistics from two all_reduces over
-   gloo). BatchNorm left per process on purpose (MoCo's key encoder: shuffle BN) has
-   its running statistics averaged after every epoch (:func:`average_batchnorm_stats`),
-   so that every process holds the same model.
+5. BatchNorm: on CUDA, SyncBatchNorm while a stage trains (:func:`synced_batchnorm`), so
+   batch statistics are those of the global batch. On the CPU, where SyncBatchNorm does
+   not run, plain BatchNorm over each process's rows. After every epoch the running
+   statistics of every BatchNorm that normalised per process (the CPU's; MoCo's key
+   encoder, shuffle BN, everywhere) are averaged over the processes
+   (:func:`average_batchnorm_stats`), so that every process holds the same model.
 6. Tensors without gradients cross processes with :func:`all_gather` (it is not
    differentiable: MoCo's keys, CDC's selection inputs, random states for a checkpoint,
    :func:`per_rank`) and :func:`broadcast` (:func:`broadcast_module` for a whole model).
@@ -370,19 +370,17 @@ def average_batchnorm_stats(module: nn.Module) -> None:
 
 @contextlib.contextmanager
 def synced_batchnorm(*modules: nn.Module, device: torch.device) -> Iterator[None]:
-    """Under torchrun, every BatchNorm of ``modules`` uses the global batch's statistics.
+    """On CUDA under torchrun, every BatchNorm of ``modules`` is a SyncBatchNorm in the block.
 
-    SyncBatchNorm on CUDA, :class:`GlobalBatchNorm` on the CPU; in place and with the
-    same parameter and buffer tensors (an optimiser built before keeps working); plain
-    BatchNorm again after the block, so that the modules handed on are those of a
-    one-process run. One process: nothing changes.
+    In place and with the same parameter and buffer tensors (an optimiser built before
+    keeps working); plain BatchNorm again afterwards, so that the modules handed on are
+    those of a one-process run. Elsewhere (one process, the CPU) nothing changes.
     """
-    if world_size() == 1:
+    if world_size() == 1 or device.type != "cuda":
         yield
         return
-    make = _to_sync if device.type == "cuda" else _to_global
     for module in modules:
-        _replace_batchnorm(module, make)
+        _replace_batchnorm(module, _to_sync)
     try:
         yield
     finally:
@@ -404,15 +402,6 @@ def _to_sync(bn: nn.modules.batchnorm._BatchNorm) -> nn.SyncBatchNorm:
     return sync
 
 
-def _to_global(bn: nn.modules.batchnorm._BatchNorm) -> GlobalBatchNorm:
-    synced = GlobalBatchNorm(bn.num_features, bn.eps, bn.momentum, bn.affine,
-                             bn.track_running_stats)  # fmt: skip
-    for name, tensor in [*bn.named_parameters(recurse=False), *bn.named_buffers(recurse=False)]:
-        setattr(synced, name, tensor)
-    synced.plain_type = type(bn)
-    return synced.train(bn.training)
-
-
 def _to_plain(sync: nn.modules.batchnorm._BatchNorm) -> nn.Module:
     cls = getattr(sync, "plain_type", None)
     if cls is None:  # a SyncBatchNorm of the caller's own
@@ -421,55 +410,3 @@ def _to_plain(sync: nn.modules.batchnorm._BatchNorm) -> nn.Module:
     for name, tensor in [*sync.named_parameters(recurse=False), *sync.named_buffers(recurse=False)]:
         setattr(plain, name, tensor)
     return plain.train(sync.training)
-
-
-class _SumOverProcesses(torch.autograd.Function):
-    """``all_reduce`` (sum) with a gradient: the gradient of a sum is the sum of gradients."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        return _sum(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return _sum(grad)
-
-
-class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """BatchNorm over the global batch on any backend: the CPU's SyncBatchNorm (gloo).
-
-    In training the mean and variance are those of every process's rows, from two
-    differentiable all_reduces (the sums and row counts, then the squared deviations from
-    the global mean: as stable as one process's two-pass statistics), so that forward and
-    gradient are those of one process normalising the whole batch; the running statistics
-    follow them, the same on every process. In eval mode it is plain BatchNorm.
-    """
-
-    def _check_input_dim(self, x: torch.Tensor) -> None:
-        if x.dim() < 2:
-            raise ValueError(f"expected at least 2-d input, got {x.dim()}-d")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training and self.track_running_stats:
-            return nn.functional.batch_norm(x, self.running_mean, self.running_var,
-                                            self.weight, self.bias, False, 0.0, self.eps)  # fmt: skip
-        all_reduce = _SumOverProcesses.apply
-        dims, shape = [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2)
-        total = all_reduce(torch.cat([x.sum(dims), x.new_full((1,), x.numel() / x.shape[1])]))
-        n = total[-1]
-        centred = x - (total[:-1] / n).view(shape)
-        var = all_reduce((centred * centred).sum(dims)) / n
-        y = centred * torch.rsqrt(var + self.eps).view(shape)
-        if self.affine:
-            y = y * self.weight.view(shape) + self.bias.view(shape)
-        if self.training and self.track_running_stats:
-            self._follow(total[:-1].detach() / n.detach(), var.detach(), n.detach())
-        return y
-
-    @torch.no_grad()
-    def _follow(self, mean: torch.Tensor, var: torch.Tensor, n: torch.Tensor) -> None:
-        """The running statistics' update of ``nn.BatchNorm`` (unbiased variance)."""
-        self.num_batches_tracked.add_(1)
-        factor = self.momentum if self.momentum is not None else 1 / int(self.num_batches_tracked)
-        self.running_mean.mul_(1 - factor).add_(mean, alpha=factor)
-        self.running_var.mul_(1 - factor).add_(var * n / (n - 1).clamp_min(1), alpha=factor)

@@ -29,11 +29,11 @@ Details:
   (``MoCo.forward``), which averages the gradients; the key encoder stays per process,
   each running its share in ``shuffle_bn_splits / W`` chunks (at least 1), so that a
   chunk still holds ``batch_size / shuffle_bn_splits`` keys. The keys of all processes
-  are gathered before they are enqueued: every process holds the same queue. The query
-  encoder's BatchNorm uses the global batch's statistics (SyncBatchNorm on CUDA,
-  ``distributed.GlobalBatchNorm`` on the CPU), the key encoder's stays per process
-  (shuffle BN; its running statistics are averaged after every epoch). A checkpoint
-  keeps every process's random state.
+  are gathered before they are enqueued: every process holds the same queue. On CUDA
+  the query encoder's BatchNorm is synchronised (SyncBatchNorm); on the CPU it
+  normalises each process's rows. Per-process running statistics (the CPU's, the key
+  encoder's) are averaged after every epoch. A checkpoint keeps every process's random
+  state.
 """
 
 from __future__ import annotations

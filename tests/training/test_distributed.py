@@ -71,9 +71,10 @@ if _OUT and _RANK is not None:
 
 # One CDC batch (Algorithm 1: selection, mini-clusters, two sub-batches, SGD steps) of a
 # fixed global batch, in one process (plain python) or split over two (torchrun); rank 0
-# saves the weights after it. BatchNorm normalises the global batch in both (GlobalBatchNorm
-# over gloo) and every view is the val view, so the two may differ only by float rounding.
-# With seed 1 the two processes hold 8 and 6 (6 and 9) of the selected samples of
+# saves the weights after it. The model is in eval mode (BatchNorm by running statistics:
+# on the CPU it normalises per process in training) and every view is the val view, so the
+# two may differ only by float rounding.
+# With seed 1 the two processes hold 5 and 8 (4 and 6) of the selected samples of
 # sub-batch 1 (2): unequal shares, so the clustering loss's weights matter.
 ONE_BATCH = """
 import sys
@@ -102,20 +103,19 @@ device = torch.device("cpu")
 with distributed.session(device):
     torch.manual_seed(1)
     images = torch.randint(0, 256, (64, 1, 8, 8), dtype=torch.uint8)
-    model = ClusteringModel(Flat(), 16, 3).train()
+    model = ClusteringModel(Flat(), 16, 3).eval()
     cfg = CDCConfig(batch_size=64, sub_batch_size=32, mini_clusters=4, kmeans_iters=5,
                     label_by="column")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     select_head, cal_head = cdc._heads(model, cfg)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     autocast = torch.autocast("cuda", enabled=False)
-    with distributed.synced_batchnorm(model, device=device):
-        step = distributed.wrap(cdc._SubBatch(model, cal_head, True, autocast), device,
-                                find_unused_parameters=True)
-        stats = cdc._train_batch(
-            model, distributed.shard(images, 2), SameViews((8, 8), (0.5,), (0.25,)), cfg, 3,
-            select_head, cal_head, optimizer, torch.Generator().manual_seed(1), autocast, step,
-        )
+    step = distributed.wrap(cdc._SubBatch(model, cal_head, True, autocast), device,
+                            find_unused_parameters=True)
+    stats = cdc._train_batch(
+        model, distributed.shard(images, 2), SameViews((8, 8), (0.5,), (0.25,)), cfg, 3,
+        select_head, cal_head, optimizer, torch.Generator().manual_seed(1), autocast, step,
+    )
     stats = distributed.average(stats)
     if distributed.is_main():
         torch.save({"before": before, "state": model.state_dict(), "stats": stats}, sys.argv[1])
