@@ -144,6 +144,12 @@ def train(
     ),
     device: Device = typer.Option(Device.auto, help="auto: CUDA if present, else CPU."),
     seed: int = typer.Option(0, help="Random seed."),
+    restarts: int | None = typer.Option(
+        None,
+        help="CDC: train N initialisations on the one pretrained backbone and keep the one "
+        "whose calibration head expects the highest accuracy (no labels needed; every "
+        "candidate is in train_log.json). Default: the preset's (1).",
+    ),
     limit: int | None = typer.Option(None, help="Use a seeded subset of N images."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoints in --out."),
     download: bool = typer.Option(False, "--download", help="Allow downloading a missing dataset."),
@@ -191,6 +197,7 @@ def train(
         mini_clusters=mini_clusters,
         backbone_weights=str(backbone_weights) if backbone_weights else None,
         labels=str(labels) if labels else None,
+        restarts=restarts,
         preset=preset.value,
         dataset=dataset,
         out=str(out),
@@ -208,8 +215,9 @@ def train(
         download=download,
     )
     model_path = _training("pipeline").train(config, resume=resume)
-    typer.echo(f"model: {model_path}")
-    typer.echo(f"metrics: {model_path.parent / 'metrics.json'}")
+    if _training("distributed").is_main():  # under torchrun, rank 0 wrote the files
+        typer.echo(f"model: {model_path}")
+        typer.echo(f"metrics: {model_path.parent / 'metrics.json'}")
 
 
 @app.command()

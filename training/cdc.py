@@ -60,13 +60,22 @@ from cdc_serve_training.kmeans import kmeans
 
 
 def calibration_targets(
-    clu_probs: torch.Tensor, mini_cluster_labels: torch.Tensor, k: int
+    clu_probs: torch.Tensor, mini_cluster_labels: torch.Tensor, k: int, kind: str = "mean"
 ) -> torch.Tensor:
     """Per-sample target of Eq. 1: ``q_hat_k``, the mean clustering-head prediction of its mini-cluster.
 
     ``clu_probs`` is ``B x C`` (softmax of the clustering head), ``mini_cluster_labels``
     the K-means assignment (``B`` ints in ``[0, k)``). Returns ``B x C``.
+
+    ``kind="votes"`` averages the clustering head's one-hot argmax instead: the share of
+    the mini-cluster that the head assigns to each cluster, which is Eq. 1 for a head
+    whose predictions have become one-hot. An option measured against Eq. 1 in
+    docs/BENCHMARKS.md (issue 17); the presets use ``mean``.
     """
+    if kind == "votes":
+        clu_probs = F.one_hot(clu_probs.argmax(dim=1), clu_probs.shape[1]).to(clu_probs.dtype)
+    elif kind != "mean":
+        raise CDCError(f"unknown calibration target {kind!r}; use mean or votes")
     labels = mini_cluster_labels.long()
     sums = torch.zeros(k, clu_probs.shape[1], dtype=clu_probs.dtype, device=clu_probs.device)
     sums.index_add_(0, labels, clu_probs)
@@ -185,8 +194,15 @@ def _optimizer(model: ClusteringModel, cfg: CDCConfig) -> torch.optim.Optimizer:
 
 
 def cdc_fingerprint(cfg: CDCConfig, *, seed: int, n_images: int) -> dict:
-    """What a CDC checkpoint must agree with to be resumed (``epochs`` may grow)."""
-    return fingerprint("cdc", asdict(cfg), seed=seed, n_images=n_images)
+    """What a CDC checkpoint must agree with to be resumed (``epochs`` may grow).
+
+    ``cal_target`` counts only when it is not the paper's ``mean``, so that checkpoints
+    written before the option existed still resume.
+    """
+    settings = asdict(cfg)
+    if settings["cal_target"] == "mean":
+        del settings["cal_target"]
+    return fingerprint("cdc", settings, seed=seed, n_images=n_images)
 
 
 def train_cdc(
@@ -424,7 +440,7 @@ def _global_labels_and_targets(
         if with_targets:
             k = min(cfg.mini_clusters, B)
             _, mini = kmeans(features, k, n_iter=cfg.kmeans_iters, generator=generator)
-            targets = calibration_targets(clu_probs, mini, k)
+            targets = calibration_targets(clu_probs, mini, k, cfg.cal_target)
     labels = distributed.broadcast(labels)
     return labels, None if targets is None else distributed.broadcast(targets)
 

@@ -54,6 +54,11 @@ class LabelBy(str, enum.Enum):
     column = "column"
 
 
+class CalTarget(str, enum.Enum):
+    mean = "mean"  # Eq. 1: the mini-cluster's mean clustering-head prediction
+    votes = "votes"  # the mini-cluster's share of clustering-head argmaxes (cdc.py)
+
+
 class Heads(str, enum.Enum):
     dual = "dual"
     clu = "clu"  # Table 2-III
@@ -243,6 +248,7 @@ class CDCConfig:
     w_en: float = 1.0  # weight of the negative entropy loss (Eq. 3)
     kmeans_iters: int = 20  # Lloyd iterations of the per-batch K-means
     label_by: str = "argmax"  # Eq. 4 pseudo-label: "argmax" (paper) | "column" (see cdc.py)
+    cal_target: str = "mean"  # Eq. 1 target: "mean" (paper) | "votes" (see cdc.py)
     # ablations (paper Table 2)
     selection: str = "dynamic"  # "dynamic" (Eq. 4) | "fixed"
     fixed_threshold: float = 0.99
@@ -270,6 +276,7 @@ class CDCConfig:
         if not 0.0 < self.fixed_threshold <= 1.0:
             raise CDCError(f"the fixed threshold must be in (0, 1], got {self.fixed_threshold}")
         check_choice(self.label_by, LabelBy, "pseudo-label rule")
+        check_choice(self.cal_target, CalTarget, "calibration target")
         check_choice(self.heads, Heads, "head setting")
         if self.lr_heads <= 0 or self.lr_encoder < 0:
             raise CDCError("learning rates must be positive")
@@ -293,6 +300,7 @@ class TrainConfig:
     ablation: str | None = None
     device: str = "auto"
     seed: int = 0
+    restarts: int = 1  # CDC: initialisations trained on the one backbone (restarts.py)
     amp: bool = True  # bf16 autocast, on CUDA only
     eval_batch_size: int = 1024
     progress: bool = True
@@ -309,6 +317,13 @@ class TrainConfig:
             section.validate()
         self.moco.validate()
         check_choice(self.method, Method, "method")
+        if self.restarts < 1:
+            raise CDCError(
+                f"--restarts {self.restarts}: use 1 (one initialisation) or more; the run "
+                "keeps the candidate with the highest estimated accuracy"
+            )
+        if self.restarts > 1 and self.method != "cdc":
+            raise CDCError("--restarts is for --method cdc (RUC refines one given clustering)")
         if self.method == "ruc":
             (self.ruc or RUCConfig()).validate()
         elif self.labels_from is not None:

@@ -80,8 +80,11 @@ def world_size() -> int:
 
 
 def rank() -> int:
-    """This process's place among them (0 without torchrun)."""
-    return dist.get_rank() if active() else 0
+    """This process's place among them (0 without torchrun; torchrun's ``RANK`` before
+    the process group is up and after it is gone)."""
+    if active():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0")) if launched() else 0
 
 
 def is_main() -> bool:

@@ -9,12 +9,15 @@ number of images is refused with one error naming what changed.
 
 1. data         ``load_dataset`` + checks that need the data (before any training)
 2. pretrain     MoCo-v2 on the backbone (:func:`pretrained_backbone`)  -> ``backbone.pt``
-                (epoch checkpoints in ``pretrain.ckpt``)
+                (epoch checkpoints in ``pretrain.ckpt``); RUC on a model's clustering
+                (``--init-from model.pth``) starts from that model's backbone instead
 3. kmeans       backbone features of every image; K-means on them (the "MoCo-v2 +
                 K-means" row of metrics.json)
 4. init         initialisation of both heads (``init.py``)  -> ``init.pt``         [CDC]
 5. cdc | ruc    CDC (``cdc.train_cdc``, checkpoints in ``cdc.ckpt``) or RUC
                 (``ruc.run_ruc_stage``, checkpoints in ``ruc.ckpt``)
+4.-5. restarts  ``--restarts N``: init + CDC N times on the one backbone, the candidate
+                whose calibration head expects the highest accuracy kept (``restarts.py``)
 6. evaluate     both heads over the data (``evaluation.py``), OOD thresholds
                 (``cdc_serve.ood.fit_ood``)
 7. save         ``model.pth`` (``checkpoint.save_model``), ``metrics.json`` and
@@ -304,9 +307,23 @@ def _write_skipped(run: Run) -> None:
 
 
 def stage_pretrain(run: Run) -> None:
-    """2. MoCo-v2 pretraining, or ``backbone.pt`` from an earlier run when resuming."""
+    """2. MoCo-v2 pretraining, or ``backbone.pt`` from an earlier run when resuming.
+
+    RUC on a cdc-serve model's clustering (``--init-from model.pth``) starts from that
+    model's backbone instead: it has learnt the clusters RUC refines, and pretraining
+    again would throw that away.
+    """
+    from cdc_serve_training.ruc.labels import is_model_file, source_model
+
+    config = run.config
+    if config.method == "ruc" and is_model_file(config.labels_from):
+        model, _ = source_model(config.labels_from, run.data, run.data.num_classes,
+                                config.model.backbone)  # fmt: skip
+        _log(f"pretrain: starting from the backbone of {config.labels_from}", config.progress)
+        run.backbone = model.backbone.to(run.device).eval()
+        return
     run.backbone = pretrained_backbone(
-        run.config, run.data, run.device, resume=run.resume, augmenter=run.augmenter
+        config, run.data, run.device, resume=run.resume, augmenter=run.augmenter
     )
 
 
@@ -326,10 +343,10 @@ def stage_kmeans(run: Run) -> None:
         _log(f"K-means on the backbone features: acc {run.kmeans_row['acc']:.4f}", config.progress)
 
 
-def init_fingerprint(config: TrainConfig, n_images: int) -> dict:
-    """What ``init.pt`` must agree with to be reused."""
+def init_fingerprint(config: TrainConfig, n_images: int, seed: int) -> dict:
+    """What a saved initialisation (``init.pt``) must agree with to be reused."""
     settings = {"init": asdict(config.init), "model": asdict(config.model)}
-    return fingerprint("init", settings, seed=config.seed, n_images=n_images)
+    return fingerprint("init", settings, seed=seed, n_images=n_images)
 
 
 def stage_init(run: Run) -> None:
@@ -337,21 +354,27 @@ def stage_init(run: Run) -> None:
 
     Computed (or read) once, by rank 0, and broadcast to the other processes.
     """
+    run.model = initialised_model(run, run.backbone, run.config.seed, run.out / "init.pt")
+
+
+def initialised_model(run: Run, backbone, seed: int, path: Path) -> ClusteringModel:
+    """Both heads on ``backbone`` initialised from ``run.features`` with ``seed`` (``path``:
+    the saved initialisation, reused when resuming); rank 0's, broadcast."""
     config, data = run.config, run.data
-    model = ClusteringModel(run.backbone, config.model.hidden, data.num_classes)
+    model = ClusteringModel(backbone, config.model.hidden, data.num_classes)
     model = model.to(run.device)
     if distributed.is_main():
-        _init_on_main(run, model)
+        _init_on_main(run, model, seed, path)
     distributed.broadcast_module(model)
-    run.model = model
+    return model
 
 
-def _init_on_main(run: Run, model: ClusteringModel) -> None:
-    """The head initialisation from the features (or ``init.pt``), and its metrics."""
+def _init_on_main(run: Run, model: ClusteringModel, seed: int, done: Path) -> None:
+    """The head initialisation from the features (or ``done``), and its metrics."""
     from cdc_serve_training.init import init_heads
 
     config, data, features = run.config, run.data, run.features
-    done, stage = run.out / "init.pt", init_fingerprint(config, len(data))
+    stage = init_fingerprint(config, len(data), seed)
     state = load_stage(done, stage, features.device) if run.resume else None
     if state is not None:
         model.load_state_dict(state["state_dict"])
@@ -366,7 +389,7 @@ def _init_on_main(run: Run, model: ClusteringModel) -> None:
             kmeans_iters=config.init.kmeans_iters,
             max_samples=config.init.max_samples,
             kmeans_restarts=config.init.kmeans_restarts,
-            seed=config.seed,
+            seed=seed,
         )
         save_stage(done, stage, 0, state_dict=model.state_dict())
     run.log["init_metrics"] = _init_metrics(model, features, data.labels)
@@ -384,17 +407,22 @@ def _init_metrics(model: ClusteringModel, features: torch.Tensor, labels) -> dic
 
 def stage_cdc(run: Run) -> None:
     """5. CDC training (Algorithm 1), checkpoints in ``cdc.ckpt``."""
+    run.log["history"] = train_cdc_stage(run, run.model, run.config.seed, run.out / "cdc.ckpt")
+
+
+def train_cdc_stage(run: Run, model: ClusteringModel, seed: int, checkpoint: Path) -> dict:
+    """CDC (``cdc.train_cdc``) on ``model`` in place with ``seed``; the per-epoch history."""
     from cdc_serve_training.cdc import train_cdc
 
     config = run.config
-    run.log["history"] = train_cdc(
-        run.model,
+    return train_cdc(
+        model,
         run.data,
         run.augmenter,
         config.cdc,
         run.device,
-        seed=config.seed,
-        checkpoint_path=run.out / "cdc.ckpt",
+        seed=seed,
+        checkpoint_path=checkpoint,
         resume=run.resume,
         progress=config.progress,
         amp=config.amp and run.device.type == "cuda",
@@ -416,7 +444,8 @@ def stage_evaluate(run: Run) -> None:
     from cdc_serve.ood import fit_ood
 
     config, data = run.config, run.data
-    run.result = infer(run.model, data, run.device, config.eval_batch_size)
+    if run.result is None:  # --restarts has predicted the chosen model's already
+        run.result = infer(run.model, data, run.device, config.eval_batch_size)
     if data.labels is not None:
         run.metrics = metrics_json(
             data.name,
@@ -464,12 +493,20 @@ def _write_assignments(run: Run) -> None:
             writer.writerow(row + ([labels[i]] if labels else []))
 
 
-STAGES = {
-    "cdc": (stage_data, stage_pretrain, stage_kmeans, stage_init, stage_cdc, stage_evaluate,
-            stage_save),
-    "ruc": (stage_data, stage_pretrain, stage_kmeans, stage_ruc, stage_evaluate, stage_save),
-}  # fmt: skip
 MAIN_ONLY = (stage_evaluate, stage_save)  # what rank 0 alone runs under torchrun
+
+
+def stages(config: TrainConfig) -> tuple:
+    """The stages of a run: CDC (4. init, 5. cdc; or 4.-5. ``--restarts N``) or RUC."""
+    if config.method == "ruc":
+        return (stage_data, stage_pretrain, stage_kmeans, stage_ruc, stage_evaluate, stage_save)
+    if config.restarts > 1:
+        from cdc_serve_training.restarts import stage_restarts
+
+        middle = (stage_restarts,)
+    else:
+        middle = (stage_init, stage_cdc)
+    return (stage_data, stage_pretrain, stage_kmeans, *middle, stage_evaluate, stage_save)
 
 
 def train(config: TrainConfig, resume: bool = False) -> Path:
@@ -490,7 +527,7 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
         run = Run(config=config, resume=resume, device=device, recorder=StageRecorder(device))
         run.log["config"] = config.to_dict()
         run.log["world_size"] = distributed.world_size()
-        for stage in STAGES[config.method]:
+        for stage in stages(config):
             if distributed.is_main() or stage not in MAIN_ONLY:
                 with run.recorder.stage(stage.__name__.removeprefix("stage_")):
                     stage(run)
@@ -505,8 +542,9 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
 
 def _check_same_checkpoints(out: Path) -> None:
     """Under torchrun, ``--resume`` needs every process to see the same checkpoints."""
-    names = ("pretrain.ckpt", "backbone.pt", "init.pt", "cdc.ckpt", "ruc.ckpt")
-    seen = [f"{name} {(out / name).stat().st_size}" for name in names if (out / name).is_file()]
+    patterns = ("pretrain.ckpt", "backbone.pt", "init*.pt", "cdc*.ckpt", "ruc.ckpt")
+    files = sorted(path for pattern in patterns for path in out.glob(pattern) if path.is_file())
+    seen = [f"{path.name} {path.stat().st_size}" for path in files]
     if not distributed.same_everywhere("\n".join(seen)):
         raise CDCError(
             f"--resume: the processes do not see the same checkpoints in {out}; with several "

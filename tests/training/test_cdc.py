@@ -123,6 +123,23 @@ def test_calibration_targets_are_mini_cluster_means():
     targets = calibration_targets(clu, mini, k=3)
     expected = torch.tensor([[0.8, 0.2], [0.8, 0.2], [0.4, 0.6], [0.4, 0.6], [0.4, 0.6]])
     assert torch.allclose(targets, expected, atol=1e-6)
+    # votes: the share of each mini-cluster's argmaxes (two of three say 1 in the second)
+    votes = calibration_targets(clu, mini, k=3, kind="votes")
+    expected = torch.tensor(
+        [[1.0, 0.0], [1.0, 0.0], [1 / 3, 2 / 3], [1 / 3, 2 / 3], [1 / 3, 2 / 3]]
+    )
+    assert torch.allclose(votes, expected, atol=1e-6)
+    with pytest.raises(CDCError, match="unknown calibration target 'median'"):
+        calibration_targets(clu, mini, k=3, kind="median")
+
+
+def test_calibration_target_counts_in_the_fingerprint_only_when_not_the_papers():
+    from cdc_serve_training.cdc import cdc_fingerprint
+
+    paper = cdc_fingerprint(CDCConfig(), seed=0, n_images=10)
+    assert "cal_target" not in paper  # checkpoints from before the option still resume
+    votes = cdc_fingerprint(CDCConfig(cal_target="votes"), seed=0, n_images=10)
+    assert votes == {**paper, "cal_target": "votes"}
 
 
 def test_calibration_loss_is_soft_cross_entropy():

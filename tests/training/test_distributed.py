@@ -202,6 +202,8 @@ def two(tmp_path_factory):
     env = _env(tmp, out)
     result = _run(_command(2, out), env)
     assert result.returncode == 0, result.stderr
+    # one process says where the model is (torchrun passes every rank's stdout through)
+    assert result.stdout.count("model: ") == 1, result.stdout
     return out, result.stderr, tmp / "audit"
 
 

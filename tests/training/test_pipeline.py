@@ -58,6 +58,8 @@ def test_every_ablation_builds(tmp_path, name):
         ({"backbone": "vgg"}, "unknown backbone"),
         ({"device": "tpu"}, "unknown device"),
         ({"limit": 0}, "positive"),
+        ({"restarts": 0}, "--restarts 0: use 1"),
+        ({"restarts": 2, "method": "ruc"}, "--restarts is for --method cdc"),
     ],
 )
 def test_bad_settings(tmp_path, kwargs, message):

@@ -358,9 +358,11 @@ def test_train_ruc_tiny_end_to_end():
     augmenter = Augmenter(data.size, data.mean, data.std)
     backbone = TinyBackbone()
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    given = pseudo.clone()
+    refurbishing = RUCConfig(**{**TINY.to_dict(), "tau2_start": 0.0, "tau2_step": 0.0})
     model, report = ruc.train_ruc(
-        backbone, data, pseudo, conf, emb, augmenter, TINY, "cpu", num_classes=3, progress=False,
-        **WIDTHS,
+        backbone, data, pseudo, conf, emb, augmenter, refurbishing, "cpu", num_classes=3,
+        progress=False, **WIDTHS,
     )  # fmt: skip
     assert isinstance(model, ClusteringModel) and not model.training
     x = augmenter.val(data.images[:5])
@@ -368,8 +370,11 @@ def test_train_ruc_tiny_end_to_end():
     assert features.shape == (5, 8) and clu.shape == cal.shape == (5, 3)
     assert torch.allclose(clu, cal)  # clu_head is a copy of the final network's head
     assert torch.isfinite(cal).all()
-    # the pretrained backbone passed in is copied, never trained in place
+    # the pretrained backbone passed in is copied, never trained in place, and the
+    # caller's pseudo-labels are the input clustering still (refurbishing works on a copy)
     assert all(torch.equal(before[k], v) for k, v in backbone.state_dict().items())
+    assert torch.equal(pseudo, given)
+    assert report["final_clean_set"]["size"] > report["selection"]["hybrid"]["size"]
     # all three strategies are reported with Table 3's measures
     assert set(report["selection"]) == {"confidence", "metric", "hybrid"}
     for quality in report["selection"].values():
@@ -571,3 +576,31 @@ def test_config_names_the_moved_settings():
     with pytest.raises(CDCError, match="unknown RUC settings.*model.hidden and eval_batch_size"):
         RUCConfig.from_dict({"hidden_dim": 128, "eval_batch_size": 1024})
     assert tuple(s.value for s in ruc.RUCStrategy) == ruc.STRATEGIES
+
+
+@pytest.mark.slow
+def test_ruc_from_a_model_starts_from_its_backbone(tmp_path, one_thread):
+    """``--init-from model.pth``: no second pretraining, a clean set from every cluster,
+    and the reported input clustering is that model's clustering head, as it was before
+    RUC refurbished its labels."""
+    import json
+
+    from test_pipeline import _tiny_run
+
+    from cdc_serve_training.pipeline import train
+
+    cdc_model = train(_tiny_run(tmp_path / "cdc"))
+    cdc_metrics = json.loads((cdc_model.parent / "metrics.json").read_text())
+    config = _tiny_run(tmp_path / "ruc", method="ruc", labels_from=str(cdc_model))
+    config.ruc.epochs, config.ruc.steps_per_epoch = 1, 4
+    out = train(config).parent
+    assert not (out / "backbone.pt").exists() and not (out / "pretrain.ckpt").exists()
+    report = json.loads((out / "train_log.json").read_text())["ruc_report"]
+    assert report["pseudo_labels"]["acc"] == pytest.approx(cdc_metrics["heads"]["clu"]["acc"])
+    # a clustering head's confidence is no saturated classifier's: the clean set is the
+    # most confident share of every cluster (with tau_1 = 0.99 it was empty here)
+    assert report["config"]["clean_fraction"] == ruc.KMEANS_CLEAN_FRACTION
+    assert report["selection"]["confidence"]["size"] > 0
+    with pytest.raises(CDCError, match="has a smallcnn backbone: train RUC on it with"):
+        train(_tiny_run(tmp_path / "bad", method="ruc", labels_from=str(cdc_model),
+                        backbone="resnet18"))  # fmt: skip

@@ -55,28 +55,46 @@ def pseudo_labels_from(
     if path.suffix in (".npy", ".csv"):
         return _labels_file(path, n, num_classes), None
     if path.suffix in (".pth", ".pt"):
-        from cdc_serve_training.checkpoint import load_model
         from cdc_serve_training.evaluation import infer
 
         if data is None:
             raise CDCError("pseudo-labels from a model.pth need the images (data=...)")
-        model, meta = load_model(path)
-        arch = meta["arch"]
-        if int(arch["num_classes"]) != num_classes:
-            raise CDCError(
-                f"{path} clusters into {arch['num_classes']} classes, the data has {num_classes}"
-            )
-        if list(arch["input_size"]) != list(data.size) or arch["in_channels"] != data.channels:
-            raise CDCError(
-                f"{path} takes {arch['in_channels']}x{arch['input_size']} images, "
-                f"the data has {data.channels}x{list(data.size)}"
-            )
+        model, _ = source_model(path, data, num_classes)
         clu_probs = torch.from_numpy(
             infer(model, data, torch.device(device), batch_size)["clu_probs"]
         )
         conf, labels = clu_probs.max(dim=1)
         return labels.long(), conf.float()
     raise CDCError(f"--labels-from {labels_from}: expected {LABEL_SOURCES}")
+
+
+def is_model_file(labels_from: str | Path | None) -> bool:
+    """Whether ``--labels-from`` names a cdc-serve model (whose backbone RUC then starts from)."""
+    return labels_from is not None and Path(labels_from).suffix in (".pth", ".pt")
+
+
+def source_model(path: str | Path, data, num_classes: int, backbone: str | None = None):
+    """The cdc-serve model at ``path`` ``(model, meta)``, checked against the data (and
+    against the run's ``backbone`` name when given)."""
+    from cdc_serve_training.checkpoint import load_model
+
+    model, meta = load_model(path)
+    arch = meta["arch"]
+    if int(arch["num_classes"]) != num_classes:
+        raise CDCError(
+            f"{path} clusters into {arch['num_classes']} classes, the data has {num_classes}"
+        )
+    if list(arch["input_size"]) != list(data.size) or arch["in_channels"] != data.channels:
+        raise CDCError(
+            f"{path} takes {arch['in_channels']}x{arch['input_size']} images, "
+            f"the data has {data.channels}x{list(data.size)}"
+        )
+    if backbone is not None and arch.get("backbone") != backbone:
+        raise CDCError(
+            f"{path} has a {arch.get('backbone')} backbone: train RUC on it with "
+            f"--backbone {arch.get('backbone')}"
+        )
+    return model, meta
 
 
 def _labels_file(path: Path, n: int, num_classes: int) -> Tensor:

@@ -141,8 +141,8 @@ def train_ruc(
     cfg = RUCConfig.from_dict(cfg).validate()
     device = torch.device(device)
     n = data.images.shape[0]
-    # no copy: a CPU int64 pseudo_labels is refurbished in place (the caller's tensor too)
-    labels = torch.as_tensor(pseudo_labels).long().cpu()
+    # a copy: refurbishing changes it in place, the caller's labels stay the input clustering
+    labels = torch.as_tensor(pseudo_labels).long().cpu().clone()
     if labels.shape != (n,):
         raise CDCError(f"{labels.shape[0]} pseudo-labels for {n} images")
     if labels.min() < 0 or labels.max() >= num_classes:
