@@ -312,3 +312,20 @@ def test_two_processes_train_a_batch_as_one_process_would(tmp_path):
     assert {"backbone.fc.weight", "clu_head.fc2.weight", "cal_head.fc2.weight"} <= set(moved)
     for name, weight in a["state"].items():
         torch.testing.assert_close(b["state"][name], weight, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_restarts_under_two_processes(tmp_path):
+    """``--restarts 2`` with two processes: every process trains both candidates, rank 0
+    judges them, and both processes end on the same (chosen) weights."""
+    short = [*ARGS, "--pretrain-epochs", "1", "--epochs", "2", "--restarts", "2"]
+    out = tmp_path / "run"
+    result = _run(_command(2, out, args=short), _env(tmp_path, out))
+    assert result.returncode == 0, result.stderr
+    log = _log(out)
+    candidates = log["restarts"]["candidates"]
+    assert [c["candidate"] for c in candidates] == [0, 1]
+    estimates = [c["estimate"] for c in candidates]
+    assert log["restarts"]["chosen"] == estimates.index(max(estimates))
+    assert log["world_size"] == 2 and len(set(log["rank_weight_digests"])) == 1
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["label_free"]["estimated_accuracy"] == pytest.approx(max(estimates), abs=1e-6)
