@@ -144,11 +144,11 @@ def train(
     ),
     device: Device = typer.Option(Device.auto, help="auto: CUDA if present, else CPU."),
     seed: int = typer.Option(0, help="Random seed."),
-    restarts: int | None = typer.Option(
-        None,
+    restarts: int = typer.Option(
+        1,
         help="CDC: train N initialisations on the one pretrained backbone and keep the one "
         "whose calibration head expects the highest accuracy (no labels needed; every "
-        "candidate is in train_log.json). Default: the preset's (1).",
+        "candidate is in train_log.json).",
     ),
     limit: int | None = typer.Option(None, help="Use a seeded subset of N images."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoints in --out."),

@@ -215,7 +215,7 @@ def make_config(
     mini_clusters: int | None = None,
     backbone_weights: str | None = None,
     labels: str | None = None,
-    restarts: int | None = None,
+    restarts: int = 1,
 ) -> TrainConfig:
     """The configuration of one training run (what ``cdc-serve train`` builds); validated.
 
@@ -250,7 +250,7 @@ def make_config(
         labels_from=labels_from,
         device=device,
         seed=seed,
-        restarts=settings.get("restarts", 1) if restarts is None else restarts,
+        restarts=restarts,
     )
     if backbone is not None:
         config.model.backbone = backbone
