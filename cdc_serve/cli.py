@@ -10,6 +10,7 @@ work starts.
 
 from __future__ import annotations
 
+import enum
 import functools
 import sys
 from pathlib import Path
@@ -94,6 +95,13 @@ def _training(module: str):
 
 def _value(choice):
     return None if choice is None else choice.value
+
+
+def _plain(value):
+    """A command-line value as the training settings hold it: Enum -> its value, Path -> str."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    return str(value) if isinstance(value, Path) else value
 
 
 def _size(text: str | None) -> tuple[int, int] | None:
@@ -187,33 +195,9 @@ def train(
     ),
 ) -> None:
     """Pretrain (MoCo-v2), initialise the heads from prototypes and train CDC or RUC."""
-    config = _training("presets").make_config(
-        num_clusters=num_clusters,
-        input_size=_size(input_size),
-        channels=channels,
-        strict=strict,
-        batch_size=batch_size,
-        sub_batch_size=sub_batch_size,
-        mini_clusters=mini_clusters,
-        backbone_weights=str(backbone_weights) if backbone_weights else None,
-        labels=str(labels) if labels else None,
-        restarts=restarts,
-        preset=preset.value,
-        dataset=dataset,
-        out=str(out),
-        method=method.value,
-        labels_from=labels_from,
-        data_root=str(data_root) if data_root else None,
-        split=split.value,
-        backbone=_value(backbone),
-        epochs=epochs,
-        pretrain_epochs=pretrain_epochs,
-        ablation=_value(ablation),
-        device=device.value,
-        seed=seed,
-        limit=limit,
-        download=download,
-    )
+    # every option but --resume is a make_config setting of the same name, as a plain value
+    settings = {name: _plain(value) for name, value in locals().items() if name != "resume"}
+    config = _training("presets").make_config(**{**settings, "input_size": _size(input_size)})
     model_path = _training("pipeline").train(config, resume=resume)
     if _training("distributed").is_main():  # under torchrun, rank 0 wrote the files
         typer.echo(f"model: {model_path}")
