@@ -108,37 +108,41 @@ def _quick_preset() -> dict[str, Any]:
     - a milder strong view (2 RandAugment ops, 8-px Cutout, 40-100 % crops): with the
       paper's 4 ops, half-side Cutout and 20-100 % crops the few CDC steps fitted the
       pseudo-labels poorly on 28-px images;
-    - coarse mini-clusters, ``K = 10`` per ``B = 1,000`` images (about 100 images each),
-      and ``w_en = 4``: the calibration target of Eq. 1 averages the clustering head over a
-      larger neighbourhood, which is what brings the calibration head's confidence down to
-      its accuracy after so short a schedule (K = 20: ECE 8.8-11 %); against ``w_en = 2``
-      the stronger entropy term lowered ECE in 6 of 9 paired runs (by 0.6 points on
-      average, 1 point on the default command) at the same ACC, and raised it by 1-1.5
-      points in the other 3;
+    - ``K = 20`` mini-clusters per ``B = 1,000`` images (about 50 images each) with a
+      strong entropy weight ``w_en = 12``. Eq. 1's target is the mean clustering-head
+      prediction of a sample's mini-cluster, so ``K`` sets how finely the calibration
+      head can tell easy images from hard ones: with ``K = 10`` (about one mini-cluster
+      per class) the target is a class average, and the images the head was surest of
+      were 99 % correct at a confidence of 0.93. Finer mini-clusters alone make the head
+      over-confident (``K = 20`` with ``w_en = 1``: ECE 8.8-11 %, with 8: 6.0 %); the
+      entropy term brings its confidence back down. Against ``K = 10``, ``w_en = 4`` on
+      the same backbones and initialisations (seeds 0-3, docs/BENCHMARKS.md "Finer
+      mini-clusters"): ACC +2.3 to +4.6 points, two to three times as many images at or
+      above 0.8, their estimate 0.8-5.7 points from their accuracy (was 4.3-6.7), ECE
+      3.4-6.3 % (was 3.0-7.2 %);
     - ``label_by="column"`` (see :func:`cdc.select_pseudo_labels`): with coarse
       mini-clusters the calibration head is less confident and, labelled by argmax, a
       cluster could lose every pseudo-label and die (ACC then fell below K-means);
     - no orthogonalisation step (it cost ~2 points of ACC right after the init here);
       the init's K-means on a 20,000-image subset.
 
-    Measured (seed 0, docs/BENCHMARKS.md): CDC-Cal ACC 64.3 % vs 51.7 % for K-means on
-    the same backbone, ECE 3.0 % vs 19.3 % for the clustering head. The seed decides
-    the accuracy: of nine runs (three seeds, with and without restarts of the init's
-    K-means, and before and after the channels-last step), five stop at ACC 55-56 % (two
-    look-alike clusters merged early do not split again in 4 epochs), with ECE 2.8-5.9 %
-    over all nine. ``--restarts 3`` (``restarts.py``) tells the two groups apart without
-    labels and keeps the best of three initialisations. That takes 1.5-2 minutes more per
-    candidate on 2 cores, so quick keeps one.
+    Measured (seed 0, docs/BENCHMARKS.md): CDC-Cal ACC 67.0 % vs 51.7 % for K-means on
+    the same backbone, ECE 3.4 %. The seed decides the accuracy: an initialisation
+    either reaches 63-68 % or stops at 55-57 %, where one cluster holds both Bag and
+    Ankle boot and the tops are spread over one cluster more (merged in the first epoch,
+    they do not split again in 4). ``--restarts 3`` (``restarts.py``) tells the two
+    groups apart without labels and keeps the best of three initialisations. That takes
+    1.5-2 minutes more per candidate on 2 cores, so quick keeps one.
     """
     init = InitConfig(ortho_steps=0, ortho_lr=0.1, kmeans_iters=50, max_samples=20000)
     cdc = CDCConfig(
         epochs=4,
         batch_size=1000,
         sub_batch_size=500,
-        mini_clusters=10,
+        mini_clusters=20,
         lr_heads=1e-3,
         lr_encoder=3e-4,
-        w_en=4.0,
+        w_en=12.0,
         kmeans_iters=10,
         label_by="column",
     )
@@ -281,7 +285,7 @@ def adapt_to_data(config: TrainConfig, n_images: int, world_size: int = 1) -> li
     halves while it is larger than half the data (down to 8). Settings given on the
     command line (``--batch-size``, ``--sub-batch-size``, ``--mini-clusters``) are left
     as they are. With the quick preset, 200 images train with ``B = 100``, ``B_s = 50``,
-    ``K = 1`` and a MoCo batch of 64. With ``world_size`` processes (torchrun) ``B_s``
+    ``K = 2`` and a MoCo batch of 64. With ``world_size`` processes (torchrun) ``B_s``
     is rounded down to a multiple of it, so that it splits over them.
     """
     cdc, moco = config.cdc, config.moco

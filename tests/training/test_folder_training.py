@@ -48,7 +48,7 @@ def trained(photos, tmp_path_factory):
 def test_200_unlabelled_images_train_with_adapted_batches(trained):
     out, output = trained
     assert (
-        "200 images: CDC batch B=100, sub-batch B_s=50, mini-clusters K=1, MoCo batch 64" in output
+        "200 images: CDC batch B=100, sub-batch B_s=50, mini-clusters K=2, MoCo batch 64" in output
     )
     rows = _csv(out / "assignments.csv")
     assert len(rows) == 200 and list(rows[0]) == ["source", "cluster_id", "confidence"]

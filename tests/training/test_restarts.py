@@ -70,5 +70,5 @@ def test_restarts_resumed_with_other_settings_are_refused(tmp_path):
     train(config)
     again = _tiny_run(tmp_path, restarts=2)
     again.cdc.epochs, again.cdc.w_en = 1, 2.0
-    with pytest.raises(CDCError, match=r"cdc-0.ckpt.*other CDC settings \(w_en 4.0 -> 2.0\)"):
+    with pytest.raises(CDCError, match=r"cdc-0.ckpt.*other CDC settings \(w_en 12.0 -> 2.0\)"):
         train(again, resume=True)

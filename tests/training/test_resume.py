@@ -177,7 +177,7 @@ def test_pipeline_resume_with_the_same_settings_reuses_every_stage(finished_run)
         ({"limit": 280}, None, r"other backbone settings \(n_images 300 -> 280\)"),
         ({}, ("moco", "temperature", 0.5), r"other backbone settings \(moco.temperature"),
         ({}, ("init", "kmeans_iters", 7), r"other head-init settings \(init.kmeans_iters 50 -> 7"),
-        ({}, ("cdc", "w_en", 1.0), r"other CDC settings \(w_en 4.0 -> 1.0\)"),
+        ({}, ("cdc", "w_en", 1.0), r"other CDC settings \(w_en 12.0 -> 1.0\)"),
     ],
 )
 def test_pipeline_resume_refuses_another_run(finished_run, kwargs, edit, message):
