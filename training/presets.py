@@ -99,7 +99,7 @@ ABLATIONS: dict[str, dict[str, dict[str, Any]]] = {
 def _quick_preset() -> dict[str, Any]:
     """Small CNN, few epochs: the whole pipeline on 70,000 28x28 images in < 10 min on 2 cores.
 
-    Tuned on Fashion-MNIST (all 70,000 images; 320 s on an idle 2-core machine); every
+    Tuned on Fashion-MNIST (all 70,000 images; 431 s on an idle 2-core machine); every
     knob trades accuracy for CPU time:
 
     - MoCo-v2 for 8 epochs with a small projector and queue (``moco.QUICK_MOCO``);
@@ -121,7 +121,7 @@ def _quick_preset() -> dict[str, Any]:
       above 0.8, their estimate 0.8-5.7 points from their accuracy (was 4.3-6.7), ECE
       3.4-6.3 % (was 3.0-7.2 %);
     - ``label_by="column"`` (see :func:`cdc.select_pseudo_labels`): with coarse
-      mini-clusters the calibration head is less confident and, labelled by argmax, a
+      targets the calibration head is less confident and, labelled by argmax, a
       cluster could lose every pseudo-label and die (ACC then fell below K-means);
     - no orthogonalisation step (it cost ~2 points of ACC right after the init here);
       the init's K-means on a 20,000-image subset.
@@ -132,7 +132,7 @@ def _quick_preset() -> dict[str, Any]:
     Ankle boot and the tops are spread over one cluster more (merged in the first epoch,
     they do not split again in 4). ``--restarts 3`` (``restarts.py``) tells the two
     groups apart without labels and keeps the best of three initialisations. That takes
-    1.5-2 minutes more per candidate on 2 cores, so quick keeps one.
+    about 2.4 minutes more per candidate on 2 cores, so quick keeps one.
     """
     init = InitConfig(ortho_steps=0, ortho_lr=0.1, kmeans_iters=50, max_samples=20000)
     cdc = CDCConfig(
