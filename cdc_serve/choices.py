@@ -37,6 +37,15 @@ class Backbone(str, enum.Enum):
     resnet50 = "resnet50"
 
 
+class InputNorm(str, enum.Enum):
+    """What the backbone does with each image's colours (``cdc_serve_training.input_norm``)."""
+
+    auto = "auto"  # object for image folders, dataset for the built-in data sets
+    dataset = "dataset"
+    image = "image"
+    object = "object"
+
+
 class Device(str, enum.Enum):
     auto = "auto"
     cpu = "cpu"

@@ -24,6 +24,7 @@ from cdc_serve.choices import (
     Device,
     Engine,
     ExportFormat,
+    InputNorm,
     InstanceKind,
     Method,
     OodScore,
@@ -173,6 +174,13 @@ def train(
     ),
     channels: int | None = typer.Option(
         None, help="imagefolder: 1 or 3 (default: 1 when every image is grayscale, else 3)."
+    ),
+    input_norm: InputNorm = typer.Option(
+        InputNorm.auto,
+        help="What the backbone does with each image's colours: dataset (one normalisation "
+        "for all), image (each image to zero mean, unit deviation: exposure and tint no "
+        "longer count), object (image, and a dark object on light looks like a light one "
+        "on dark); auto: object for imagefolder, dataset for the built-in data sets.",
     ),
     strict: bool = typer.Option(
         False, "--strict", help="imagefolder: stop at the first unreadable file (default: skip)."

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from cdc_serve import CDCError
+from cdc_serve_training.input_norm import attach as attach_input_norm
 
 BACKBONES = ("smallcnn", "resnet18", "resnet34", "resnet50")
 STEMS = ("auto", "small", "imagenet")
@@ -88,11 +89,16 @@ def _resnet(name: str, in_channels: int, input_size: tuple[int, int], stem: str)
 
 
 def build_backbone(
-    name: str, in_channels: int, input_size: tuple[int, int] | int, stem: str = "auto"
+    name: str,
+    in_channels: int,
+    input_size: tuple[int, int] | int,
+    stem: str = "auto",
+    input_norm: str = "dataset",
 ) -> nn.Module:
     """Build the named backbone (one of ``BACKBONES``) for images of this channel count and
     size; ``stem`` (ResNets): ``auto`` (small for inputs up to 64 px), ``small`` or
-    ``imagenet``."""
+    ``imagenet``; ``input_norm``: the per-image normalisation before the first layer
+    (``dataset``: none; see :mod:`cdc_serve_training.input_norm`)."""
     if stem not in STEMS:
         raise CDCError(f"unknown stem {stem!r}; use one of {', '.join(STEMS)}")
     size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
@@ -107,7 +113,7 @@ def build_backbone(
     else:
         raise CDCError(f"unknown backbone {name!r}; known: {', '.join(BACKBONES)}")
     net.stem = stem  # what model.pth's arch records (checkpoint.arch_of)
-    return net
+    return attach_input_norm(net, input_norm, size)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -242,7 +242,7 @@ def build_model(arch: dict) -> ClusteringModel:
         raise CDCError(f"model architecture lacks {', '.join(missing)}")
     backbone = build_backbone(
         arch["backbone"], int(arch["in_channels"]), tuple(arch["input_size"]),
-        arch.get("stem", "auto"),
+        arch.get("stem", "auto"), arch.get("input_norm", "dataset"),
     )  # fmt: skip
     if int(backbone.out_dim) != int(arch["feature_dim"]):
         raise CDCError(
@@ -253,11 +253,14 @@ def build_model(arch: dict) -> ClusteringModel:
 
 
 def arch_of(model: ClusteringModel, backbone: str, in_channels: int, input_size) -> dict:
-    """The ``arch`` dict describing ``model`` (``stem``: the ResNet stem, when not auto)."""
+    """The ``arch`` dict describing ``model`` (``stem``: the ResNet stem, when not auto;
+    ``input_norm``: the backbone's per-image normalisation, when not ``dataset``)."""
     stem = getattr(model.backbone, "stem", "auto")
+    input_norm = getattr(model.backbone, "input_norm_mode", "dataset")
     return {
         "backbone": backbone,
         **({"stem": stem} if stem != "auto" else {}),
+        **({"input_norm": input_norm} if input_norm != "dataset" else {}),
         "in_channels": int(in_channels),
         "input_size": [int(s) for s in input_size],
         "feature_dim": model.feature_dim,

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from cdc_serve import CDCError
-from cdc_serve.choices import Backbone, Method, Preset, Split, values
+from cdc_serve.choices import Backbone, InputNorm, Method, Preset, Split, values
 
 # ----------------------------------------------------------------------------------------------
 # Choices (the CLI-facing ones live in cdc_serve.choices)
@@ -138,9 +138,15 @@ class ModelConfig:
     # a torchvision state dict or a backbone.pt to start from (MoCo-v2 continues from it,
     # or is skipped with --pretrain-epochs 0); its first convolution decides the stem
     weights: str | None = None
+    # per-image normalisation before the backbone (input_norm.py): dataset, image or object
+    # (make_config resolves the CLI's auto: object for image folders, else dataset)
+    input_norm: str = "dataset"
 
     def validate(self) -> None:
         check_choice(self.backbone, Backbone, "backbone")
+        check_choice(self.input_norm, InputNorm, "input normalisation")
+        if self.input_norm == InputNorm.auto.value:
+            raise CDCError("resolve --input-norm auto before training (presets.make_config does)")
         if self.weights is not None and not Path(self.weights).is_file():
             raise CDCError(f"--backbone-weights {self.weights}: no such file")
         if self.hidden < 1:

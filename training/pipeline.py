@@ -111,20 +111,21 @@ def _initial_backbone(config: TrainConfig, data) -> torch.nn.Module:
 
     The weights' first convolution decides the ResNet stem (7x7: torchvision's ImageNet
     stem, kept whatever the input size; ``backbone.stem`` records it for ``model.pth``).
+    ``config.model.input_norm`` is the per-image normalisation in front of it.
     """
     from cdc_serve_training.backbones import build_backbone, load_weights, read_weights
     from cdc_serve_training.backbones import weights_stem as stem_of
 
-    name, path = config.model.backbone, config.model.weights
+    name, path, norm = config.model.backbone, config.model.weights, config.model.input_norm
     if path is None:
-        return build_backbone(name, data.channels, data.size)
+        return build_backbone(name, data.channels, data.size, input_norm=norm)
     weights, saved_name = read_weights(path)
     if saved_name is not None and saved_name != name:
         raise CDCError(
             f"{path} holds a {saved_name} backbone; train it with --backbone {saved_name}"
         )
     stem = "auto" if name == "smallcnn" else stem_of(weights)
-    backbone = build_backbone(name, data.channels, data.size, stem)
+    backbone = build_backbone(name, data.channels, data.size, stem, input_norm=norm)
     load_weights(backbone, weights, path)
     return backbone
 
@@ -137,6 +138,7 @@ def backbone_fingerprint(config: TrainConfig, n_images: int) -> dict:
         "moco": asdict(config.moco),
         "augment": asdict(config.augment),
         "pretrain_limit": config.pretrain_limit,
+        **({"input_norm": config.model.input_norm} if config.model.input_norm != "dataset" else {}),
     }
     return fingerprint("backbone", settings, seed=config.seed, n_images=n_images)
 
@@ -185,6 +187,7 @@ def pretrained_backbone(
         stage,
         config.moco.epochs,
         backbone=config.model.backbone,
+        input_norm=config.model.input_norm,
         state_dict=backbone.state_dict(),
     )
     return backbone.to(device).eval()

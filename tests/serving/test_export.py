@@ -34,12 +34,15 @@ MAX_BATCH = 16
 TOL = 1e-5
 
 
-def _save_tiny_model(path: Path, num_classes: int = 10, seed: int = 0) -> Path:
+def _save_tiny_model(
+    path: Path, num_classes: int = 10, seed: int = 0, input_norm: str = "dataset"
+) -> Path:
     """A small CNN with both heads, trained for a few steps so BatchNorm stats are not trivial."""
     torch.manual_seed(seed)
     model = ClusteringModel(
-        build_backbone("smallcnn", 1, 28), hidden_dim=32, num_classes=num_classes
-    )
+        build_backbone("smallcnn", 1, 28, input_norm=input_norm), hidden_dim=32,
+        num_classes=num_classes,
+    )  # fmt: skip
     x = torch.randn(64, 1, 28, 28)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     for _ in range(3):
@@ -135,6 +138,30 @@ def test_onnx_matches_pytorch_on_real_images(tiny_model, tmp_path, real_batch):
         flags, scores = scorer.flags(out["embedding"], out["probs"])
         np.testing.assert_allclose(out["ood_score"], scores, atol=TOL, rtol=0)
         assert out["ood"].tolist() == flags.tolist()
+
+
+def test_per_image_normalisation_travels_into_the_served_graph(tmp_path, real_batch):
+    """An ``--input-norm object`` model: model.pth records it, the export verifies against
+    PyTorch, and the served graph gives an inverted image (255 - x) the same answer."""
+    import onnxruntime as ort
+
+    path = _save_tiny_model(tmp_path / "model.pth", input_norm="object")
+    model, _ = load_model(path)
+    assert model.backbone.input_norm_mode == "object"
+    result = export_model(path, out=tmp_path / "repo", max_batch=MAX_BATCH)
+    assert all(v <= TOL for v in result.diffs.values())
+    session = ort.InferenceSession(str(result.model_file), providers=["CPUExecutionProvider"])
+    names = ["cluster_id", "probs"]
+    ids, probs = session.run(names, {"input": real_batch})
+    inverted_ids, inverted_probs = session.run(names, {"input": 255 - real_batch})
+    assert inverted_ids.tolist() == ids.tolist()
+    np.testing.assert_allclose(inverted_probs, probs, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(probs, _torch_probs(path, real_batch), atol=TOL, rtol=0)
+    # nearly flat, bright images (16 grey levels of contrast), where the normalisation
+    # divides by a small deviation: the graph agrees with PyTorch there too
+    faint = (240 + real_batch // 16).astype(np.uint8)
+    (faint_probs,) = session.run(["probs"], {"input": faint})
+    np.testing.assert_allclose(faint_probs, _torch_probs(path, faint), atol=TOL, rtol=0)
 
 
 def test_an_export_whose_graph_disagrees_is_refused(tiny_model, tmp_path, monkeypatch):

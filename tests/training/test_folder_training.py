@@ -167,3 +167,21 @@ def test_export_of_a_folder_model_verifies_on_the_folders_images(photos, trained
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert f"the first 64 images of imagefolder:{folder}" in result.output, result.output
+
+
+def test_a_folder_model_normalises_each_image_unless_told_otherwise(photos, trained, tmp_path):
+    """--input-norm auto is object for a folder (model.pth and train_log.json say so);
+    --input-norm dataset turns it off; an unknown value is refused before any work."""
+    from cdc_serve_training.checkpoint import load_model
+
+    folder, _ = photos
+    out, _ = trained
+    assert load_model(out / "model.pth")[0].backbone.input_norm_mode == "object"
+    log = json.loads((out / "train_log.json").read_text())
+    assert log["config"]["model"]["input_norm"] == "object"
+    plain = tmp_path / "plain"
+    result = _train(folder, plain, "--num-clusters", "10", "--input-norm", "dataset")
+    assert result.exit_code == 0, result.output
+    assert load_model(plain / "model.pth")[0].backbone.input_norm_mode == "dataset"
+    result = _train(folder, tmp_path / "bad", "--num-clusters", "10", "--input-norm", "colour")
+    assert result.exit_code == 2 and "colour" in result.output

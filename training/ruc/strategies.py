@@ -105,7 +105,8 @@ def _load_backbone(path: Path, data) -> nn.Module:
             f"{path} is no backbone.pt (a backbone name and its weights); pass the one "
             "that `cdc-serve train` writes into its --out folder"
         )
-    backbone = build_backbone(state["backbone"], data.channels, data.size)
+    norm = state.get("input_norm", "dataset")
+    backbone = build_backbone(state["backbone"], data.channels, data.size, input_norm=norm)
     try:
         backbone.load_state_dict(state["state_dict"])
     except RuntimeError as exc:
