@@ -284,8 +284,8 @@ def make_config(
 
 
 # A quick-preset image folder smaller than this trains for more epochs (MoCo-v2 at most
-# FOLDER_MAX_EPOCH_SCALE times the preset's, CDC half as many times more): about as many
-# MoCo-v2 steps as this many images give.
+# FOLDER_MAX_EPOCH_SCALE times the preset's, CDC half that factor): about as many MoCo-v2
+# steps as this many images give.
 FOLDER_REFERENCE_IMAGES = 50_000
 FOLDER_MAX_EPOCH_SCALE = 5
 
@@ -304,7 +304,8 @@ def _scale_folder_epochs(config: TrainConfig, n_images: int) -> list[str]:
     10,000 makes 39 MoCo-v2 steps an epoch against 273: on the coloured Fashion-MNIST
     folder its features then reach 41.7 % ACC, 50.5 % with 5 times the MoCo-v2 epochs
     (``docs/BENCHMARKS.md``). CDC's own epochs matter less, and its calibration was best
-    at twice the preset's (ECE 5.6 / 8.2 % on two seeds, against 7.3 / 11.0 % with 4
+    at twice the preset's (ECE 5.6 / 8.2 % on two seeds, measured with the normalisation
+    still in float32, against 7.3 / 11.0 % with 4
     epochs and 7.5 / 11.7 % with 20). So a quick CDC run on an image folder under
     ``FOLDER_REFERENCE_IMAGES`` images trains ``folder_epoch_scale(n)`` times the
     preset's epochs (10,000 images: MoCo-v2 5 times, CDC 2 times), unless
