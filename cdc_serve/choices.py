@@ -22,6 +22,7 @@ def values(choices: type[enum.Enum]) -> tuple[str, ...]:
 
 class Preset(str, enum.Enum):
     quick = "quick"
+    standard = "standard"
     paper = "paper"
 
 

@@ -131,8 +131,10 @@ def _initial_backbone(config: TrainConfig, data) -> torch.nn.Module:
 
 
 def backbone_fingerprint(config: TrainConfig, n_images: int) -> dict:
-    """What ``backbone.pt`` must agree with to be reused (MoCo's epochs may grow)."""
+    """What ``backbone.pt`` must agree with to be reused (MoCo's epochs may grow; the
+    preset may not: ``quick`` resumed in a ``standard`` run's folder is refused)."""
     settings = {
+        "preset": config.preset,
         "backbone": config.model.backbone,
         "weights": config.model.weights,
         "moco": asdict(config.moco),

@@ -41,6 +41,15 @@ def test_quick_preset_is_valid(tmp_path):
     assert json.dumps(config.to_dict())  # plain, JSON-able
 
 
+def test_standard_preset_is_quick_with_three_restarts(tmp_path):
+    quick, standard = _config(tmp_path), _config(tmp_path, preset="standard")
+    assert (quick.restarts, standard.restarts) == (1, 3)
+    assert standard.moco == quick.moco and standard.cdc == quick.cdc
+    assert _config(tmp_path, preset="standard", restarts=1).restarts == 1  # --restarts wins
+    assert _config(tmp_path, preset="paper").restarts == 1
+    assert _config(tmp_path, preset="standard", method="ruc").restarts == 1  # RUC: one clustering
+
+
 @pytest.mark.parametrize("name", sorted(ABLATIONS))
 def test_every_ablation_builds(tmp_path, name):
     config = _config(tmp_path, ablation=name)

@@ -72,3 +72,22 @@ def test_restarts_resumed_with_other_settings_are_refused(tmp_path):
     again.cdc.epochs, again.cdc.w_en = 1, 2.0
     with pytest.raises(CDCError, match=r"cdc-0.ckpt.*other CDC settings \(w_en 12.0 -> 2.0\)"):
         train(again, resume=True)
+
+
+@pytest.mark.slow
+def test_a_standard_run_resumed_with_other_settings_is_refused(tmp_path):
+    from cdc_serve import CDCError
+
+    config = _tiny_run(tmp_path, preset="standard", restarts=2)
+    config.cdc.epochs = 1
+    train(config)
+    out = tmp_path / "run"
+    assert json.loads((out / "train_log.json").read_text())["config"]["preset"] == "standard"
+    quick = _tiny_run(tmp_path, restarts=2)
+    with pytest.raises(CDCError, match=r"backbone.pt.*other backbone settings \(preset "
+                       r"'standard' -> 'quick'\)"):  # fmt: skip
+        train(quick, resume=True)
+    finer = _tiny_run(tmp_path, preset="standard", restarts=2, mini_clusters=4)
+    finer.cdc.epochs = 1
+    with pytest.raises(CDCError, match=r"cdc-0.ckpt.*other CDC settings \(mini_clusters"):
+        train(finer, resume=True)
