@@ -147,6 +147,8 @@ class Client:
             (default: the model's ``reject_below``, 0.8 unless chosen at export).
         ood_score: OOD score name (default: the one the model's metadata names).
         threads: onnxruntime intra-op threads (default: all cores).
+        spinning: whether idle onnxruntime threads spin waiting for the next batch (the
+            default; False lets them sleep, for a process that shares the cores).
         timeout: seconds per Triton request.
         retries: retries per Triton request (exponential backoff from ``backoff`` s).
         concurrency: Triton requests in flight at once.
@@ -178,6 +180,7 @@ class Client:
         backoff: float = 0.5,
         max_pixels: int = MAX_PIXELS,
         shared_memory: str = "auto",
+        spinning: bool = True,
     ) -> None:
         protocol = protocol or ("local" if url is None else "http")
         if protocol not in PROTOCOLS:
@@ -203,7 +206,9 @@ class Client:
                 )
             onnx_path, found = find_model(model)
             self.meta = meta or found
-            self._runner: LocalRunner | TritonRunner = LocalRunner(onnx_path, self.meta, threads)
+            self._runner: LocalRunner | TritonRunner = LocalRunner(
+                onnx_path, self.meta, threads, spinning
+            )
         else:
             if not url:
                 raise CDCError(f"the {protocol} protocol needs url=HOST:PORT of a Triton server")

@@ -44,7 +44,7 @@ import numpy as np
 from cdc_serve import CDCError, usable_cores
 from cdc_serve.preprocess import IMAGE_SUFFIXES, MAX_PIXELS, load_image
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: colour JPEGs for one channel decode to their luma (preprocess.load_image)
 CHUNK = 32  # images per task handed to a worker
 
 # Libraries whose threads a forked worker would inherit half-alive (see _pool).
@@ -409,18 +409,26 @@ def _load_cache(cache_dir, key: str, labels, class_names) -> FolderImages | None
 # ----------------------------------------------------------------------------------------------
 
 
-def _decode_arrays(files: list[str]) -> list[np.ndarray | str]:
-    """One task of :class:`DecodePool`: each file as uint8 ``C x H x W``, or why it failed."""
+def _decode_arrays(files: list[str]) -> tuple[np.ndarray, dict[int, str]]:
+    """One task of :class:`DecodePool`: the files as uint8 ``N x C x H x W`` (one array, a
+    cheap result to send back) and, by position, why each unreadable one failed (its
+    rows of the array are zeros)."""
     _, channels, height, width = _target["shape"]
-    out: list[np.ndarray | str] = []
-    for f in files:
+    images = np.zeros((len(files), channels, height, width), np.uint8)
+    failed: dict[int, str] = {}
+    for i, f in enumerate(files):
         try:
-            out.append(load_image(f, channels, (height, width), _target["max_pixels"]))
+            images[i] = load_image(f, channels, (height, width), _target["max_pixels"])
         except CDCError as exc:
-            out.append(str(exc))
+            failed[i] = str(exc)
         except Exception as exc:  # noqa: BLE001  never let one odd file stop the others
-            out.append(f"{f}: cannot read ({type(exc).__name__}: {exc})")
-    return out
+            failed[i] = f"{f}: cannot read ({type(exc).__name__}: {exc})"
+    return images, failed
+
+
+def _unpack(result: tuple[np.ndarray, dict[int, str]]) -> list[np.ndarray | str]:
+    images, failed = result
+    return [failed[i] if i in failed else images[i] for i in range(len(images))]
 
 
 class DecodePool:
@@ -452,8 +460,8 @@ class DecodePool:
     def collect(self, job: list) -> list[np.ndarray | str]:
         if self._pool is None:
             _start_worker(*self._initargs)  # this process is the worker
-            return [x for task in job for x in _decode_arrays(task)]
-        return [x for result in job for x in result.get()]
+            return [x for task in job for x in _unpack(_decode_arrays(task))]
+        return [x for result in job for x in _unpack(result.get())]
 
     def close(self) -> None:
         if self._pool is not None:

@@ -15,14 +15,16 @@ The same source met twice is scored once.
 
 Rows are read, scored and written in bounded chunks (``batch_size`` x the client's
 concurrency images), so memory stays flat whatever the input size. With ``output``
-the rows go to ``<output>.partial``, flushed and synced chunk by chunk; at the end it
+the rows go to ``<output>.partial``, flushed chunk by chunk and synced to disk at least
+once a second (:class:`~cdc_serve.predict_output.RowWriter`); at the end it
 is renamed to ``output`` (an atomic replace). ``resume=True`` reads the rows already
 in ``<output>.partial`` (or a finished ``output``), skips those sources and appends
 the rest, so the final file has every input exactly once.
 
 Image files are decoded in worker processes, one per core
 (:class:`cdc_serve.image_folder.DecodePool`), the next chunk while the current one is
-scored; array items are sliced in threads. Unreadable inputs become rows with ``error``
+scored; array items are sliced in threads. The in-process model then shares the cores
+with the decoders (:func:`_scoring_threads`). Unreadable inputs become rows with ``error``
 (the run goes on), and so do the images of
 a request the server refuses (a wrong datatype or shape: Triton's reason, one line, in
 ``error``). When the Triton server stays unreachable after the client's retries, the
@@ -355,6 +357,9 @@ def predict(
             backoff=1.0,
             shared_memory=shared_memory,
         )
+        if url is None:
+            threads, spinning = _scoring_threads(inputs, decode_workers, engine)
+            client_kwargs.update(threads=threads, spinning=spinning)
         client = Client(**client_kwargs)
     try:
         partial = Path(f"{output}.partial") if output is not None else None
@@ -389,6 +394,25 @@ def predict(
         finish_output(partial, Path(output), kind)
     summary.seconds = time.monotonic() - started
     return tally.summary(summary, label_array)
+
+
+def _scoring_threads(
+    inputs: Sequence[Path], decode_workers: int | None, engine: str
+) -> tuple[int | None, bool]:
+    """onnxruntime's threads and spinning for scoring in process: (None, True) is all cores.
+
+    When image files are decoded in worker processes, one per core, the scoring shares
+    the cores with them. Decoding a small file costs 4-5 times what scoring it does
+    (docs/BENCHMARKS.md, section 5), so the scoring gets a quarter of the cores (at
+    least one thread), and its idle threads sleep instead of spinning on cores the
+    decoders need: 1.4x the images/s of a folder of small files on 2 cores.
+    """
+    decoding = (
+        engine == Engine.local.value
+        and (decode_workers or usable_cores()) > 1
+        and any(p.is_dir() or p.suffix.lower() in IMAGE_SUFFIXES for p in inputs)
+    )
+    return (max(1, usable_cores() // 4), False) if decoding else (None, True)
 
 
 def _check_engine(

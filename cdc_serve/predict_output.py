@@ -9,8 +9,9 @@ file holds one JSON object per line, missing values as ``null``; a ``.parquet`` 
 values null), with the same values as the text formats (confidence rounded to 7
 decimals, ood_score to 7 significant digits).
 
-:class:`RowWriter` appends rows to ``<output>.partial``, flushed and synced chunk by
-chunk, so a killed run loses at most the chunk in flight; :func:`read_done` reads the
+:class:`RowWriter` appends rows to ``<output>.partial``, flushed chunk by chunk, so a
+killed run loses at most the chunk in flight, and synced to disk at least once a second
+(a machine that loses power loses at most the last second); :func:`read_done` reads the
 rows such a file already holds (dropping a half-written last line) to resume it.
 
 A Parquet file has its index at the end, so a killed writer leaves nothing readable.
@@ -32,6 +33,7 @@ import csv
 import io
 import json
 import os
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -100,11 +102,13 @@ def _row(p: Prediction) -> dict[str, Any]:
 
 
 class RowWriter:
-    """Appends rows to ``<output>.partial`` (CSV or JSONL), flushed and synced per chunk."""
+    """Appends rows to ``<output>.partial`` (CSV or JSONL), flushed per chunk, synced to
+    disk every :data:`SYNC_SECONDS` and on close."""
 
     def __init__(self, partial: Path, kind: str, append: bool) -> None:
         self.path = partial
         self.kind = kind
+        self.synced = time.monotonic()
         self.file = open(partial, "a" if append else "w", encoding="utf-8", newline="")  # noqa: SIM115
         if kind == "csv" and not append:
             csv.writer(self.file).writerow(COLUMNS)
@@ -112,23 +116,38 @@ class RowWriter:
     def write(self, predictions: Sequence[Prediction]) -> None:
         buffer = io.StringIO()
         if self.kind == "csv":
-            writer = csv.writer(buffer)
-            for p in predictions:
-                row = _row(p)
-                writer.writerow(["" if row[c] is None else _csv_value(row[c]) for c in COLUMNS])
+            csv.writer(buffer).writerows(_csv_cells(_row(p)) for p in predictions)
         else:
             for p in predictions:
                 buffer.write(json.dumps(_row(p), ensure_ascii=False) + "\n")
         self.file.write(buffer.getvalue())
         self.file.flush()
+        if time.monotonic() - self.synced >= SYNC_SECONDS:
+            self.sync()
+
+    def sync(self) -> None:
         os.fsync(self.file.fileno())
+        self.synced = time.monotonic()
 
     def close(self) -> None:
+        if not self.file.closed:
+            self.file.flush()
+            self.sync()
         self.file.close()
 
 
-def _csv_value(value: Any) -> str:
-    if isinstance(value, bool):
+SYNC_SECONDS = 1.0  # the longest a written row waits to reach the disk
+
+
+def _csv_cells(row: dict[str, Any]) -> list[str]:
+    """A row's CSV cells: booleans as true/false, missing values empty."""
+    return [_csv_cell(value) for value in row.values()]
+
+
+def _csv_cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if value is True or value is False:
         return "true" if value else "false"
     return str(value)
 

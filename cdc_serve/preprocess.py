@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 import warnings
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -100,7 +99,9 @@ def to_model_image(img: Image.Image, channels: int, input_size: tuple[int, int])
         img = img.convert("L")
     elif mode not in ("L", "RGB"):
         img = img.convert("RGB")  # CMYK, YCbCr, LAB, HSV, ...
-    img = img.convert("L" if channels == 1 else "RGB")
+    target = "L" if channels == 1 else "RGB"
+    if img.mode != target:
+        img = img.convert(target)
     height, width = input_size
     if img.size != (width, height):
         img = img.resize((width, height), Image.BILINEAR)
@@ -109,46 +110,85 @@ def to_model_image(img: Image.Image, channels: int, input_size: tuple[int, int])
 
 
 def open_image(
-    path: str | os.PathLike, max_pixels: int = MAX_PIXELS, draft: int | None = None
+    path: str | os.PathLike,
+    max_pixels: int = MAX_PIXELS,
+    draft: int | None = None,
+    gray: bool = False,
 ) -> Image.Image:
     """Open and fully decode an image file, turning every failure into CDCError.
 
     ``draft``: a JPEG is decoded at the smallest of 1/1, 1/2, 1/4 or 1/8 scale whose sides
     are both at least ``draft`` pixels (Pillow's ``Image.draft``): a 12-MP photo bound for
     a 64-px model input decodes at 1/8 of the work and memory. Other formats ignore it.
+    ``gray``: a colour JPEG is decoded straight to grayscale (its luma channel; the
+    caller wants one channel), which skips the colour conversion.
+
+    The image comes upright: an EXIF or XMP orientation is applied. A JPEG or PNG file
+    without such metadata (the common case) skips that step.
     """
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-    except OSError as exc:
-        raise CDCError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    if size == 0:
-        raise CDCError(f"{path}: empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                width, height = img.size
-                if width * height > max_pixels:
-                    raise CDCError(
-                        f"{path}: image too large ({width} x {height} = {width * height:,} pixels, "
-                        f"limit {max_pixels:,})"
-                    )
-                if draft is not None and img.format == "JPEG":
-                    img.draft(img.mode if img.mode in ("L", "RGB") else None, (draft, draft))
-                img.load()
-                upright = ImageOps.exif_transpose(img)  # a new image, detached from the file
-                return upright if upright is not img else img.copy()
+            img = Image.open(path)
+            try:
+                return _decoded(img, path, max_pixels, draft, gray)
+            except BaseException:
+                with img:  # closes the file
+                    raise
     except CDCError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise CDCError(f"{path}: image too large (decompression bomb guard: {exc})") from None
     except Image.UnidentifiedImageError:
-        raise CDCError(f"{path}: not an image (unrecognised format)") from None
+        raise _unidentified(path) from None
+    except OSError as exc:
+        if isinstance(exc, FileNotFoundError | PermissionError | IsADirectoryError):
+            raise CDCError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        raise CDCError(f"{path}: cannot decode image ({type(exc).__name__}: {exc})") from None
     except MemoryError:
         raise CDCError(f"{path}: image too large to decode") from None
     except Exception as exc:  # noqa: BLE001  Pillow raises OSError, SyntaxError, ValueError, ...
         raise CDCError(f"{path}: cannot decode image ({type(exc).__name__}: {exc})") from None
+
+
+# Where Pillow finds an orientation to apply (``ImageOps.exif_transpose``).
+_ORIENTATION_KEYS = ("exif", "Raw profile type exif", "XML:com.adobe.xmp", "xmp")
+
+
+def _decoded(
+    img: Image.Image, path: Any, max_pixels: int, draft: int | None, gray: bool
+) -> Image.Image:
+    """The pixels of an opened image, upright, in an image that no longer needs the file."""
+    width, height = img.size
+    if width * height > max_pixels:
+        raise CDCError(
+            f"{path}: image too large ({width} x {height} = {width * height:,} pixels, "
+            f"limit {max_pixels:,})"
+        )
+    if draft is not None and img.format == "JPEG":
+        mode = ("L" if gray else img.mode) if img.mode in ("L", "RGB") else None
+        img.draft(mode, (draft, draft))
+    img.load()
+    if (
+        img.format in ("JPEG", "PNG")
+        and getattr(img, "n_frames", 1) == 1
+        and not any(key in img.info for key in _ORIENTATION_KEYS)
+    ):
+        return img  # upright, and load() has read and closed the file: nothing to copy
+    with img:
+        upright = ImageOps.exif_transpose(img)  # a new image, detached from the file
+        return upright if upright is not img else img.copy()
+
+
+def _unidentified(path: str | os.PathLike) -> CDCError:
+    """Pillow recognised no format: an empty file, or not an image."""
+    try:
+        empty = os.path.getsize(path) == 0
+    except OSError:
+        empty = False
+    if empty:
+        return CDCError(f"{path}: empty file (0 bytes)")
+    return CDCError(f"{path}: not an image (unrecognised format)")
 
 
 def load_image(
@@ -160,10 +200,11 @@ def load_image(
     """Read an image file as uint8 ``C x H x W`` ready for :func:`normalise`.
 
     A JPEG much larger than ``input_size`` is decoded at reduced scale (``draft``, see
-    :func:`open_image`): every path to the model (training's folder reader, ``predict``,
-    :class:`~cdc_serve.client.Client`) decodes a file the same way.
+    :func:`open_image`), and straight to grayscale for a 1-channel model: every path to
+    the model (training's folder reader, ``predict``, :class:`~cdc_serve.client.Client`)
+    decodes a file the same way.
     """
-    img = open_image(path, max_pixels, draft=max(input_size))
+    img = open_image(path, max_pixels, draft=max(input_size), gray=channels == 1)
     try:
         return to_model_image(img, channels, input_size)
     except CDCError as exc:

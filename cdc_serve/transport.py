@@ -59,12 +59,18 @@ class RequestRejected(CDCError):
 class LocalRunner:
     """onnxruntime in-process."""
 
-    def __init__(self, onnx_path: Path, meta: ModelMeta, threads: int | None) -> None:
+    def __init__(
+        self, onnx_path: Path, meta: ModelMeta, threads: int | None, spinning: bool = True
+    ) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads or usable_cores()
+        # idle threads spin for the next run; they sleep when other work needs the cores
+        options.add_session_config_entry(
+            "session.intra_op.allow_spinning", "1" if spinning else "0"
+        )
         options.log_severity_level = 3
         providers = ["CPUExecutionProvider"]
         if "CUDAExecutionProvider" in ort.get_available_providers() and _gpu_present():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -140,6 +141,43 @@ def test_exif_orientation_is_applied(tmp_path):
     img.save(tmp_path / "o.png", exif=exif)
     out = load_image(tmp_path / "o.png", 1, (4, 2))
     assert out.shape == (1, 4, 2) and out[0, 0, 1] == 255
+
+
+def test_exif_orientation_of_a_jpeg_is_applied(tmp_path):
+    pixels = np.zeros((16, 32), np.uint8)
+    pixels[:8, :8] = 255  # a bright top-left corner
+    img = Image.fromarray(pixels)
+    exif = img.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    img.save(tmp_path / "o.jpg", exif=exif, quality=95)
+    Image.fromarray(pixels).save(tmp_path / "plain.jpg", quality=95)
+    assert load_image(tmp_path / "plain.jpg", 1, (16, 32))[0, 0, 0] > 200
+    out = load_image(tmp_path / "o.jpg", 1, (32, 16))
+    assert out[0, 0, -1] > 200 and out[0, 0, 0] < 50  # the corner is now top-right
+
+
+def test_a_colour_jpeg_for_one_channel_decodes_to_its_luma(tmp_path):
+    rgb = noise((40, 40, 3))
+    Image.fromarray(rgb).save(tmp_path / "c.jpg", quality=95)
+    with Image.open(tmp_path / "c.jpg") as img:
+        via_rgb = np.asarray(img.convert("L"), dtype=int)
+    luma = load_image(tmp_path / "c.jpg", 1, (40, 40))[0].astype(int)
+    # the decoder's own luma: the same up to rounding, and where RGB clips
+    assert np.abs(luma - via_rgb).mean() < 1.5 and np.abs(luma - via_rgb).max() <= 32
+
+
+def test_decoding_leaves_no_file_open(tmp_path):
+    rgb = noise((12, 12, 3))
+    for suffix in ("jpg", "png", "gif", "tif", "bmp"):
+        Image.fromarray(rgb).save(tmp_path / f"a.{suffix}")
+    frames = [Image.fromarray(rgb), Image.fromarray(255 - rgb)]
+    frames[0].save(tmp_path / "anim.png", save_all=True, append_images=frames[1:])
+    files = sorted(tmp_path.iterdir())
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(5):
+        for path in files:
+            assert load_image(path, 3, (6, 6)).shape == (3, 6, 6)
+    assert len(os.listdir("/proc/self/fd")) == before
 
 
 # -- bad files ---------------------------------------------------------------------------
