@@ -64,7 +64,7 @@ bench: install ## Benchmarks -> docs/BENCHMARKS.md
 	$(PY) -m benchmarks.run --out docs/BENCHMARKS.md
 
 ablations: install ## The paper's Table 2 on Fashion-MNIST -> docs/ABLATIONS.md
-	$(VENV)/bin/cdc-serve ablations --dataset fashion-mnist --preset quick --limit $(ABLATION_LIMIT) \
+	$(VENV)/bin/cdc-serve ablations --dataset fashion-mnist --preset standard --limit $(ABLATION_LIMIT) \
 	  --out docs/ABLATIONS.md
 
 clean:

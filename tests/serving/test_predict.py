@@ -339,3 +339,18 @@ def test_decode_pool_uses_its_processes_and_keeps_the_order(tmp_path):
     assert isinstance(got[7], str) and "missing.png" in got[7]
     want = [load_image(f, 1, (6, 6)) for f in files[:7] + files[8:]]
     assert all((a == b).all() for a, b in zip(got[:7] + got[8:], want, strict=True))
+
+
+def test_scoring_shares_the_cores_only_with_image_decoders(tmp_path):
+    from cdc_serve import usable_cores
+    from cdc_serve.predict import _scoring_threads
+
+    (tmp_path / "imgs").mkdir()
+    idx = tmp_path / "x-images-idx3-ubyte"
+    shared = (max(1, usable_cores() // 4), False)
+    all_cores = (None, True)
+    assert _scoring_threads([tmp_path / "imgs"], 2, "local") == shared
+    assert _scoring_threads([idx, tmp_path / "a.JPG"], 2, "local") == shared
+    assert _scoring_threads([idx], 2, "local") == all_cores  # arrays: no decoders
+    assert _scoring_threads([tmp_path / "imgs"], 1, "local") == all_cores  # decoding here
+    assert _scoring_threads([tmp_path / "imgs"], 2, "ray") == all_cores  # the actors' own
