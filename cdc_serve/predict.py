@@ -15,7 +15,7 @@ The same source met twice is scored once.
 
 Rows are read, scored and written in bounded chunks (``batch_size`` x the client's
 concurrency images), so memory stays flat whatever the input size. With ``output``
-the rows go to ``<output>.partial``, flushed chunk by chunk and synced to disk at least
+the rows go to ``<output>.partial``, flushed chunk by chunk and synced to disk at most
 once a second (:class:`~cdc_serve.predict_output.RowWriter`); at the end it
 is renamed to ``output`` (an atomic replace). ``resume=True`` reads the rows already
 in ``<output>.partial`` (or a finished ``output``), skips those sources and appends
