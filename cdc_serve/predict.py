@@ -336,7 +336,6 @@ def predict(
         raise CDCError("--resume needs --output (the file of the interrupted run)")
     label_array = read_labels(labels) if labels is not None else None
     _check_engine(engine, client, ray_address, ray_actors)
-
     own_client = client is None
     client_kwargs: dict[str, Any] = {}
     if client is None:
@@ -356,10 +355,8 @@ def predict(
             retries=retries,
             backoff=1.0,
             shared_memory=shared_memory,
+            **_scoring_threads(inputs, decode_workers, engine, url),
         )
-        if url is None:
-            threads, spinning = _scoring_threads(inputs, decode_workers, engine)
-            client_kwargs.update(threads=threads, spinning=spinning)
         client = Client(**client_kwargs)
     try:
         partial = Path(f"{output}.partial") if output is not None else None
@@ -397,9 +394,10 @@ def predict(
 
 
 def _scoring_threads(
-    inputs: Sequence[Path], decode_workers: int | None, engine: str
-) -> tuple[int | None, bool]:
-    """onnxruntime's threads and spinning for scoring in process: (None, True) is all cores.
+    inputs: Sequence[Path], decode_workers: int | None, engine: str, url: str | None = None
+) -> dict[str, Any]:
+    """:class:`Client`'s ``threads`` and ``spinning`` for scoring in process (none for
+    Triton, ``url``); ``threads`` None is all cores.
 
     When image files are decoded in worker processes, one per core, the scoring shares
     the cores with them. Decoding a small file costs 4-5 times what scoring it does
@@ -407,12 +405,16 @@ def _scoring_threads(
     least one thread), and its idle threads sleep instead of spinning on cores the
     decoders need: 1.4x the images/s of a folder of small files on 2 cores.
     """
+    if url is not None:
+        return {}
     decoding = (
         engine == Engine.local.value
         and (decode_workers or usable_cores()) > 1
         and any(p.is_dir() or p.suffix.lower() in IMAGE_SUFFIXES for p in inputs)
     )
-    return (max(1, usable_cores() // 4), False) if decoding else (None, True)
+    if decoding:
+        return {"threads": max(1, usable_cores() // 4), "spinning": False}
+    return {"threads": None, "spinning": True}
 
 
 def _check_engine(

@@ -347,10 +347,11 @@ def test_scoring_shares_the_cores_only_with_image_decoders(tmp_path):
 
     (tmp_path / "imgs").mkdir()
     idx = tmp_path / "x-images-idx3-ubyte"
-    shared = (max(1, usable_cores() // 4), False)
-    all_cores = (None, True)
+    shared = {"threads": max(1, usable_cores() // 4), "spinning": False}
+    all_cores = {"threads": None, "spinning": True}
     assert _scoring_threads([tmp_path / "imgs"], 2, "local") == shared
     assert _scoring_threads([idx, tmp_path / "a.JPG"], 2, "local") == shared
     assert _scoring_threads([idx], 2, "local") == all_cores  # arrays: no decoders
     assert _scoring_threads([tmp_path / "imgs"], 1, "local") == all_cores  # decoding here
     assert _scoring_threads([tmp_path / "imgs"], 2, "ray") == all_cores  # the actors' own
+    assert _scoring_threads([tmp_path / "imgs"], 2, "local", "localhost:8001") == {}  # Triton
