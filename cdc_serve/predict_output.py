@@ -10,9 +10,10 @@ values null), with the same values as the text formats (confidence rounded to 7
 decimals, ood_score to 7 significant digits).
 
 :class:`RowWriter` appends rows to ``<output>.partial``, flushed chunk by chunk, so a
-killed run loses at most the chunk in flight; it is synced to disk (``fsync``) with
-the first chunk written a second or more after the last sync, and on close; :func:`read_done` reads the
-rows such a file already holds (dropping a half-written last line) to resume it.
+killed run loses at most the chunk in flight; it is synced to disk (``fsync``) by the
+first chunk written a second or more after the last sync, and on close.
+:func:`read_done` reads the rows such a file already holds (dropping a half-written
+last line) to resume it.
 
 A Parquet file has its index at the end, so a killed writer leaves nothing readable.
 For a ``.parquet`` output the partial file is therefore a CSV journal (the same
@@ -104,7 +105,7 @@ def _row(p: Prediction) -> dict[str, Any]:
 class RowWriter:
     """Appends rows to ``<output>.partial`` (CSV or JSONL): flushed per chunk; synced to
     disk by a chunk written :data:`SYNC_SECONDS` or more after the last sync, and on close
-    (one ``fsync`` per chunk cost a folder of small files 12 us an image)."""
+    (an ``fsync`` per chunk cost a folder of small files about 12 us an image)."""
 
     def __init__(self, partial: Path, kind: str, append: bool) -> None:
         self.path = partial
