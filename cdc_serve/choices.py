@@ -47,6 +47,13 @@ class InputNorm(str, enum.Enum):
     object = "object"
 
 
+class HeadInit(str, enum.Enum):
+    """Where CDC's two heads start (``cdc_serve_training.init``)."""
+
+    prototype = "prototype"  # the paper's Sec. 3.3: K-means prototypes of the backbone features
+    random = "random"  # PyTorch's default init (Table 2-I "w/o Init.")
+
+
 class Device(str, enum.Enum):
     auto = "auto"
     cpu = "cpu"

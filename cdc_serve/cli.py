@@ -24,6 +24,7 @@ from cdc_serve.choices import (
     Device,
     Engine,
     ExportFormat,
+    HeadInit,
     InputNorm,
     InstanceKind,
     Method,
@@ -152,6 +153,12 @@ def train(
     pretrain_epochs: int | None = typer.Option(None, help="Override the number of MoCo-v2 epochs."),
     ablation: Ablation | None = typer.Option(
         None, help="One of the paper's Table 2 variants (see docs/ABLATIONS.md)."
+    ),
+    head_init: HeadInit | None = typer.Option(
+        None,
+        help="Where CDC's heads start: prototype (the default: the paper's Sec. 3.3, K-means "
+        "prototypes of the pretrained features) or random (PyTorch's init; measured against "
+        "it in docs/BENCHMARKS.md).",
     ),
     device: Device = typer.Option(Device.auto, help="auto: CUDA if present, else CPU."),
     seed: int = typer.Option(0, help="Random seed."),

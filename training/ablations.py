@@ -2,7 +2,8 @@
 
 One full CDC run pretrains the backbone; every ablation row reuses that backbone
 (``backbone.pt`` copied into its run folder, then ``pipeline.train(..., resume=True)``
-skips pretraining) and changes one thing (``presets.ABLATIONS``):
+skips pretraining) and changes one thing (``presets.ABLATIONS``) from the paper's method,
+CDC from the prototype init:
 
 - I    random head initialisation: right after init, and after CDC ("w/o Init. + CDC");
        the proposed prototype init right after init
@@ -197,6 +198,9 @@ def run_ablations(
         # one initialisation per row: Table 2 compares training variants, and a row
         # without a trained calibration head has no estimate to choose by
         "restarts": 1,
+        # every row is the paper's method (its prototype init) with one change, whatever
+        # a preset's own head init
+        "head_init": "prototype",
     }
     make_config(out=str(runs / "cdc"), **common)  # bad input fails before any training
     start = time.perf_counter()

@@ -121,18 +121,20 @@ def build_backbone(
 # ----------------------------------------------------------------------------------------------
 
 
-def read_weights(path: str) -> tuple[dict[str, torch.Tensor], str | None]:
-    """``(state dict without fc.*, backbone name or None)`` of a weights file.
+def read_weights(path: str) -> tuple[dict[str, torch.Tensor], str | None, str | None]:
+    """``(state dict without fc.*, backbone name, input normalisation)`` of a weights file.
 
-    A ``backbone.pt`` of ``cdc-serve train`` names its backbone; a torchvision state dict
-    does not. ``module.`` prefixes (DataParallel/DDP saves) are removed.
+    A ``backbone.pt`` of ``cdc-serve train`` names its backbone and the per-image
+    normalisation it was pretrained behind (``--input-norm``); a torchvision state dict
+    names neither (``None``, ``None``). ``module.`` prefixes (DataParallel/DDP saves) are
+    removed.
     """
     from cdc_serve_training.checkpoint import safe_load
 
     state = safe_load(path)
-    name = None
+    name = norm = None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        name, state = state.get("backbone"), state["state_dict"]
+        name, norm, state = state.get("backbone"), state.get("input_norm"), state["state_dict"]
     if not isinstance(state, dict) or not all(
         isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()
     ):
@@ -141,7 +143,7 @@ def read_weights(path: str) -> tuple[dict[str, torch.Tensor], str | None]:
             "torch.save(torchvision.models.resnet18(weights=...).state_dict(), path)"
         )
     weights = {k.removeprefix("module."): v for k, v in state.items()}
-    return {k: v for k, v in weights.items() if not k.startswith("fc.")}, name
+    return {k: v for k, v in weights.items() if not k.startswith("fc.")}, name, norm
 
 
 def weights_stem(weights: dict[str, torch.Tensor]) -> str:

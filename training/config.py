@@ -32,16 +32,11 @@ from pathlib import Path
 from typing import Any
 
 from cdc_serve import CDCError
-from cdc_serve.choices import Backbone, InputNorm, Method, Preset, Split, values
+from cdc_serve.choices import Backbone, HeadInit, InputNorm, Method, Preset, Split, values
 
 # ----------------------------------------------------------------------------------------------
 # Choices (the CLI-facing ones live in cdc_serve.choices)
 # ----------------------------------------------------------------------------------------------
-
-
-class HeadInit(str, enum.Enum):
-    prototype = "prototype"
-    random = "random"
 
 
 class Selection(str, enum.Enum):
@@ -227,7 +222,7 @@ class MocoConfig:
 class InitConfig:
     """Initialisation of the heads (paper Sec. 3.3; init.py)."""
 
-    head_init: str = "prototype"  # "prototype" (Sec. 3.3) | "random" (Table 2-I ablation)
+    head_init: str = "prototype"  # "prototype" (Sec. 3.3) | "random" (Table 2-I, --head-init)
     ortho_steps: int = 2000  # "orthogonalisation" refinement steps per weight matrix
     ortho_lr: float = 0.1
     kmeans_iters: int = 100

@@ -111,7 +111,9 @@ def _initial_backbone(config: TrainConfig, data) -> torch.nn.Module:
 
     The weights' first convolution decides the ResNet stem (7x7: torchvision's ImageNet
     stem, kept whatever the input size; ``backbone.stem`` records it for ``model.pth``).
-    ``config.model.input_norm`` is the per-image normalisation in front of it.
+    ``config.model.input_norm`` is the per-image normalisation in front of it; a
+    ``backbone.pt`` of an earlier run brings its own (in place, unless ``--input-norm``
+    asked for another: then one clear error, its features being those of other inputs).
     """
     from cdc_serve_training.backbones import build_backbone, load_weights, read_weights
     from cdc_serve_training.backbones import weights_stem as stem_of
@@ -119,11 +121,19 @@ def _initial_backbone(config: TrainConfig, data) -> torch.nn.Module:
     name, path, norm = config.model.backbone, config.model.weights, config.model.input_norm
     if path is None:
         return build_backbone(name, data.channels, data.size, input_norm=norm)
-    weights, saved_name = read_weights(path)
+    weights, saved_name, saved_norm = read_weights(path)
     if saved_name is not None and saved_name != name:
         raise CDCError(
             f"{path} holds a {saved_name} backbone; train it with --backbone {saved_name}"
         )
+    if saved_norm is not None and saved_norm != norm:
+        if "input_norm" in config.set_by_user:
+            raise CDCError(
+                f"{path} was pretrained with --input-norm {saved_norm}; train it with "
+                f"--input-norm {saved_norm} (or leave --input-norm out)"
+            )
+        _log(f"{path}: --input-norm {saved_norm}, as it was pretrained", config.progress)
+        config.model.input_norm = norm = saved_norm
     stem = "auto" if name == "smallcnn" else stem_of(weights)
     backbone = build_backbone(name, data.channels, data.size, stem, input_norm=norm)
     load_weights(backbone, weights, path)

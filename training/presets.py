@@ -126,19 +126,22 @@ def _quick_preset() -> dict[str, Any]:
     - ``label_by="column"`` (see :func:`cdc.select_pseudo_labels`): with coarse
       targets the calibration head is less confident and, labelled by argmax, a
       cluster could lose every pseudo-label and die (ACC then fell below K-means);
-    - no orthogonalisation step (it cost ~2 points of ACC right after the init here);
-      the init's K-means on a 20,000-image subset.
+    - the paper's prototype init (Sec. 3.3), its K-means on a 20,000-image subset, no
+      orthogonalisation step (it cost ~2 points of ACC right after the init here). A
+      random head (``--head-init random``) was measured against it twice, three
+      initialisations on each of several backbones (docs/BENCHMARKS.md "Random head
+      initialisation"): ahead on one machine (every one of seeds 0-4 at 67.4-70.9 %),
+      behind on another (seeds 0-2: 62.7-66.6 % against 66.3-67.8 %), and landing in
+      the bad group below just as often. So the presets keep the paper's init.
 
     Measured (seed 0, docs/BENCHMARKS.md): CDC-Cal ACC 67.0 % vs 51.7 % for K-means on
     the same backbone, ECE 3.4 %. The seed decides the accuracy: an initialisation
-    either reaches 63-68 % or stops at 55-57 %, where one cluster holds both Bag and
-    Ankle boot and the tops are spread over one cluster more (merged in the first epoch,
-    they do not split again in 4). ``--restarts 3`` (``restarts.py``) tells the two
-    groups apart without labels and keeps the best of three initialisations. That takes
-    about 2 minutes more per candidate on 2 cores, so quick keeps one. A random head
-    (``--ablation random-init``) avoided the bad group on every one of seeds 0-4
-    (67.4-70.9 %, ECE 2.3-6.2 %; docs/BENCHMARKS.md "Random head initialisation"): the
-    presets keep the paper's init until the rest is measured again with a random head.
+    either reaches 63-68 % or stops at 51-59 %, where two unlike classes share a cluster
+    (Bag with Ankle boot, Dress with Ankle boot) and the tops are spread over one cluster
+    more (merged in the first epoch, they do not split again in 4). ``--restarts 3``
+    (``restarts.py``) tells the two groups apart without labels and keeps the best of
+    three initialisations. That takes about 2 minutes more per candidate on 2 cores, so
+    quick keeps one.
     """
     init = InitConfig(ortho_steps=0, ortho_lr=0.1, kmeans_iters=50, max_samples=20000)
     cdc = CDCConfig(
@@ -247,13 +250,15 @@ def make_config(
     labels: str | None = None,
     restarts: int | None = None,
     input_norm: str = "auto",
+    head_init: str | None = None,
 ) -> TrainConfig:
     """The configuration of one training run (what ``cdc-serve train`` builds); validated.
 
     ``epochs`` is the method's own stage: CDC epochs for ``cdc``, RUC epochs for ``ruc``.
     ``input_norm`` ``auto`` is ``object`` for image folders and ``dataset`` otherwise;
     ``restarts`` ``None`` is the preset's for CDC (3 for ``standard``, 1 for the others)
-    and 1 for RUC.
+    and 1 for RUC. ``head_init`` ``None`` is the preset's (the paper's ``prototype``
+    init in all three); an ablation's own setting wins over it.
     """
     check_choice(preset, Preset, "preset")
     check_choice(method, Method, "method")
@@ -293,7 +298,11 @@ def make_config(
     config.model.weights = backbone_weights
     if input_norm == "auto":
         input_norm = "object" if dataset.startswith("imagefolder:") else "dataset"
+    else:
+        config.set_by_user.append("input_norm")
     config.model.input_norm = input_norm
+    if head_init is not None:
+        config.init.head_init = head_init
     if ablation is not None:
         apply_ablation(config, ablation)
     if limit is not None and limit >= 1:

@@ -141,6 +141,31 @@ def test_torchvision_resnet18_weights_load_and_a_wrong_file_is_one_clear_error(p
     assert "layer1.2" in wrong.output and "Traceback" not in wrong.output
 
 
+def test_a_backbone_of_an_earlier_run_brings_its_input_norm(photos, trained, tmp_path):
+    """--backbone-weights backbone.pt: the file's --input-norm is the run's (its features are
+    those of such inputs) unless --input-norm asks for another: then one clear error."""
+    import torch
+
+    from cdc_serve_training.checkpoint import load_model, safe_load
+
+    folder, _ = photos
+    out, _ = trained
+    state = safe_load(out / "backbone.pt")
+    assert state["input_norm"] == "object"
+    torch.save({**state, "input_norm": "image"}, tmp_path / "image.pt")  # as an `image` run's
+    args = ["--num-clusters", "10", "--backbone-weights", str(tmp_path / "image.pt"),
+            "--pretrain-epochs", "0", "--epochs", "0"]  # fmt: skip
+    result = _train(folder, tmp_path / "run", *args)
+    assert result.exit_code == 0, result.output
+    assert "image.pt: --input-norm image, as it was pretrained" in result.output
+    assert load_model(tmp_path / "run" / "model.pth")[0].backbone.input_norm_mode == "image"
+    wrong = _train(folder, tmp_path / "wrong", *args, "--input-norm", "object")
+    assert wrong.exit_code == 2 and "Traceback" not in wrong.output
+    assert "was pretrained with --input-norm image; train it with --input-norm image" in (
+        wrong.output
+    )
+
+
 def test_a_labels_csv_gives_the_labelled_metrics(photos, tmp_path):
     """--labels FILE (`file,label`, outside the folder): ACC/NMI/ARI/ECE, training unchanged."""
     folder, labels = photos

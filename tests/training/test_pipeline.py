@@ -50,6 +50,19 @@ def test_standard_preset_is_quick_with_three_restarts(tmp_path):
     assert _config(tmp_path, preset="standard", method="ruc").restarts == 1  # RUC: one clustering
 
 
+def test_head_init_is_the_presets_unless_given(tmp_path):
+    for preset in ("quick", "standard", "paper"):
+        assert _config(tmp_path, preset=preset).init.head_init == "prototype"
+    assert _config(tmp_path, head_init="random").init.head_init == "random"
+    # Table 2 pins the paper's init for every row; its random-init row still wins, and
+    # a row that changes something else keeps the head it is given
+    pinned = _config(tmp_path, head_init="prototype", ablation="random-init")
+    assert pinned.init.head_init == "random"
+    assert _config(tmp_path, head_init="random", ablation="fixed-0.9").init.head_init == "random"
+    with pytest.raises(CDCError, match="unknown head initialisation 'kmeans'"):
+        _config(tmp_path, head_init="kmeans")
+
+
 @pytest.mark.parametrize("name", sorted(ABLATIONS))
 def test_every_ablation_builds(tmp_path, name):
     config = _config(tmp_path, ablation=name)
