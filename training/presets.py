@@ -134,9 +134,10 @@ def _quick_preset() -> dict[str, Any]:
       orthogonalisation step (it cost ~2 points of ACC right after the init here). A
       random head (``--head-init random``) was measured against it twice, three
       initialisations on each of several backbones (docs/BENCHMARKS.md "Random head
-      initialisation"): ahead on one machine (every one of seeds 0-4 at 67.4-70.9 %),
-      behind on another (seeds 0-2: 62.7-66.6 % against 66.3-67.8 %), and landing in
-      the bad group below just as often. So the presets keep the paper's init.
+      initialisation"): ahead on one machine (seeds 0-4 at 67.4-70.9 % against
+      56.8-67.9 %), behind on another (seeds 0-2: 62.7-66.6 % against 66.3-67.8 %),
+      and landing in the bad group below about as often. So the presets keep the
+      paper's init.
 
     Measured (seed 0, docs/BENCHMARKS.md): CDC-Cal ACC 67.0 % vs 51.7 % for K-means on
     the same backbone, ECE 3.4 %. The seed decides the accuracy: an initialisation
