@@ -142,7 +142,7 @@ def _quick_preset() -> dict[str, Any]:
     Measured (seed 0, docs/BENCHMARKS.md): CDC-Cal ACC 67.0 % vs 51.7 % for K-means on
     the same backbone, ECE 3.4 %. The seed decides the accuracy: an initialisation
     either reaches 63-68 % or stops at 51-59 %, where two unlike classes share a cluster
-    (Bag with Ankle boot, Dress with Ankle boot) and the tops are spread over one cluster
+    (Ankle boot with Bag, Sneaker with Sandal; docs/BENCHMARKS.md) and the tops are spread over one cluster
     more (merged in the first epoch, they do not split again in 4). ``--restarts 3``
     (``restarts.py``) tells the two groups apart without labels and keeps the best of
     three initialisations. That takes about 2 minutes more per candidate on 2 cores, so
