@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-from cdc_serve import CDCError
+from cdc_serve import CDCError, fast_decode
 
 # Images larger than this many pixels are refused before they are decoded
 # (a decompression bomb: a small file that expands to gigabytes).
@@ -203,7 +203,13 @@ def load_image(
     :func:`open_image`), and straight to grayscale for a 1-channel model: every path to
     the model (training's folder reader, ``predict``, :class:`~cdc_serve.client.Client`)
     decodes a file the same way.
+
+    A common JPEG or PNG is decoded by OpenCV (:mod:`cdc_serve.fast_decode`, to the
+    pixels Pillow gives it, four times faster on a small JPEG); every other file by Pillow.
     """
+    pixels = fast_decode.decode(path, channels, max(input_size), max_pixels)
+    if pixels is not None:
+        return to_model_image(Image.fromarray(pixels), channels, input_size)
     img = open_image(path, max_pixels, draft=max(input_size), gray=channels == 1)
     try:
         return to_model_image(img, channels, input_size)
