@@ -64,14 +64,15 @@ def decode(
         return None
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            data = f.read(len(_PNG_SIGNATURE))
+            if not data.startswith((_JPEG_SOI, _PNG_SIGNATURE)):
+                return None  # another format: Pillow's, without reading the whole file here
+            data += f.read()
     except OSError:
         return None  # Pillow writes the message
     if data.startswith(_JPEG_SOI):
         return _jpeg(data, channels, draft, max_pixels)
-    if data.startswith(_PNG_SIGNATURE):
-        return _png(data, channels, max_pixels)
-    return None
+    return _png(data, channels, max_pixels)
 
 
 # -- JPEG ------------------------------------------------------------------------------
