@@ -1,8 +1,8 @@
 """Decode the common JPEG and PNG files with OpenCV, to the pixels Pillow gives them.
 
-Opening a small file costs Pillow about 200 us of Python before any pixel is decoded
-(format detection, marker parsing); OpenCV's ``imdecode`` decodes the same JPEG in
-50 us with the same libjpeg. :func:`cdc_serve.preprocess.load_image` asks this module
+Opening a small file costs Pillow much Python before any pixel is decoded (format
+detection, marker parsing); OpenCV's ``imdecode`` decodes a small JPEG in about 45 us
+with the same libjpeg (docs/BENCHMARKS.md, section 5). :func:`cdc_serve.preprocess.load_image` asks this module
 first and falls back to Pillow whenever it answers ``None``. So this module only takes
 the files whose pixels it can give exactly as Pillow would (measured equal in
 ``tests/serving/test_fast_decode.py``), and it answers ``None`` for everything else:

@@ -205,7 +205,7 @@ def load_image(
     decodes a file the same way.
 
     A common JPEG or PNG is decoded by OpenCV (:mod:`cdc_serve.fast_decode`, to the
-    pixels Pillow gives it, four times faster on a small JPEG); every other file by Pillow.
+    pixels Pillow gives it, faster: docs/BENCHMARKS.md, section 5); every other file by Pillow.
     """
     pixels = fast_decode.decode(path, channels, max(input_size), max_pixels)
     if pixels is not None:
