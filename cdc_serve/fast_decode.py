@@ -2,10 +2,10 @@
 
 Opening a small file costs Pillow much Python before any pixel is decoded (format
 detection, marker parsing); OpenCV's ``imdecode`` decodes a small JPEG in about 45 us
-with the same libjpeg (docs/BENCHMARKS.md, section 5). :func:`cdc_serve.preprocess.load_image` asks this module
-first and falls back to Pillow whenever it answers ``None``. So this module only takes
-the files whose pixels it can give exactly as Pillow would (measured equal in
-``tests/serving/test_fast_decode.py``), and it answers ``None`` for everything else:
+with the same libjpeg (docs/BENCHMARKS.md, section 5). :func:`cdc_serve.preprocess.load_image`
+asks this module first and falls back to Pillow whenever it answers ``None``. So this
+module only takes the files whose pixels it can give exactly as Pillow would (measured
+equal in ``tests/serving/test_fast_decode.py``), and it answers ``None`` for the rest:
 
 - JPEG: baseline, extended or progressive, 8-bit, 1 or 3 components, one frame, no
   EXIF or XMP segment (an orientation to apply), no Adobe segment (CMYK, YCCK), ending in
