@@ -22,9 +22,8 @@ number and size, in bounded memory:
 The result (:class:`FolderImages`) carries the array, the sources in order, the labels
 (or ``None``), the class names and the skipped files. Only numpy and Pillow are needed.
 
-The same worker processes decode a stream of files for ``cdc-serve predict``
-(:class:`DecodePool`): tasks of a few files each, results in order, a bounded number of
-tasks in flight so that decoding the next chunk overlaps scoring the current one.
+``cdc-serve predict`` decodes its stream of files on the same kind of workers
+(:class:`cdc_serve.decode_pool.DecodePool`).
 """
 
 from __future__ import annotations
@@ -35,7 +34,6 @@ import multiprocessing
 import os
 import sys
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -181,8 +179,8 @@ def _decode(task: tuple[int, list[str | None]]) -> list[str | None]:
     return out
 
 
-def _pool(workers: int, initargs: tuple):
-    """``workers`` processes, or None for 1 (the work then runs in this process).
+def pool_context():
+    """The multiprocessing context for worker processes.
 
     On Linux the workers are forked: from this process when no library that runs its own
     threads is loaded (:data:`THREADED`), else from a fork server (a forked copy of
@@ -190,9 +188,6 @@ def _pool(workers: int, initargs: tuple):
     process with this module preloaded. Elsewhere they are spawned (a script calling
     this then needs the usual ``if __name__ == "__main__":`` guard).
     """
-    if workers <= 1:
-        _start_worker(*initargs)
-        return None
     if not sys.platform.startswith("linux"):
         method = "spawn"
     elif not any(name in sys.modules for name in THREADED):
@@ -202,7 +197,16 @@ def _pool(workers: int, initargs: tuple):
     context = multiprocessing.get_context(method)
     if method == "forkserver":
         context.set_forkserver_preload([__name__])
-    return context.Pool(workers, initializer=_start_worker, initargs=initargs)
+    return context
+
+
+def _pool(workers: int, initargs: tuple):
+    """``workers`` processes (:func:`pool_context`), or None for 1 (the work then runs in
+    this process)."""
+    if workers <= 1:
+        _start_worker(*initargs)
+        return None
+    return pool_context().Pool(workers, initializer=_start_worker, initargs=initargs)
 
 
 def _run(pool, func, tasks: list, progress: bool, what: str, total: int) -> list:
@@ -402,75 +406,3 @@ def _load_cache(cache_dir, key: str, labels, class_names) -> FolderImages | None
     if labels is not None:  # the same listing (same key): the labels of the kept rows
         labels = labels[np.asarray(sidecar["rows"], dtype=np.int64)]
     return FolderImages(images, sidecar["sources"], labels, class_names, skipped, cached=True)
-
-
-# ----------------------------------------------------------------------------------------------
-# Decoding a stream of files (``cdc-serve predict``)
-# ----------------------------------------------------------------------------------------------
-
-
-def _decode_arrays(files: list[str]) -> tuple[np.ndarray, dict[int, str]]:
-    """One task of :class:`DecodePool`: the files as uint8 ``N x C x H x W`` (one array, a
-    cheap result to send back) and, by position, why each unreadable one failed (its
-    rows of the array are zeros)."""
-    _, channels, height, width = _target["shape"]
-    images = np.zeros((len(files), channels, height, width), np.uint8)
-    failed: dict[int, str] = {}
-    for i, f in enumerate(files):
-        try:
-            images[i] = load_image(f, channels, (height, width), _target["max_pixels"])
-        except CDCError as exc:
-            failed[i] = str(exc)
-        except Exception as exc:  # noqa: BLE001  never let one odd file stop the others
-            failed[i] = f"{f}: cannot read ({type(exc).__name__}: {exc})"
-    return images, failed
-
-
-def _unpack(result: tuple[np.ndarray, dict[int, str]]) -> list[np.ndarray | str]:
-    images, failed = result
-    return [failed[i] if i in failed else images[i] for i in range(len(images))]
-
-
-class DecodePool:
-    """Image files -> uint8 ``C x H x W`` arrays (or a one-line reason) in worker processes.
-
-    ``submit(files)`` hands the files to the workers in tasks of :data:`CHUNK` and returns
-    at once; ``collect(job)`` waits for that job's results, in the files' order. A caller
-    that submits the next chunk before collecting the current one keeps the workers busy
-    while it scores. With ``workers`` 1 the files are decoded in this process, at collect.
-    """
-
-    def __init__(
-        self,
-        channels: int,
-        size: tuple[int, int],
-        max_pixels: int = MAX_PIXELS,
-        workers: int | None = None,
-    ) -> None:
-        self.workers = max(1, workers or usable_cores())
-        self._initargs = ("", (0, channels, *size), max_pixels)
-        self._pool = _pool(self.workers, self._initargs)
-
-    def submit(self, files: Sequence[str]) -> list:
-        tasks = [list(files[i : i + CHUNK]) for i in range(0, len(files), CHUNK)]
-        if self._pool is None:
-            return tasks
-        return [self._pool.apply_async(_decode_arrays, (task,)) for task in tasks]
-
-    def collect(self, job: list) -> list[np.ndarray | str]:
-        if self._pool is None:
-            _start_worker(*self._initargs)  # this process is the worker
-            return [x for task in job for x in _unpack(_decode_arrays(task))]
-        return [x for result in job for x in _unpack(result.get())]
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.terminate()  # nothing is left to wait for once every job is collected
-            self._pool.join()
-            self._pool = None
-
-    def __enter__(self) -> DecodePool:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

@@ -21,8 +21,8 @@ is renamed to ``output`` (an atomic replace). ``resume=True`` reads the rows alr
 in ``<output>.partial`` (or a finished ``output``), skips those sources and appends
 the rest, so the final file has every input exactly once.
 
-Image files are decoded in worker processes, one per core
-(:class:`cdc_serve.image_folder.DecodePool`), the next chunk while the current one is
+Image files are decoded on every core, by helper processes and by this process
+(:class:`cdc_serve.decode_pool.DecodePool`), the next chunk while the current one is
 scored; array items are sliced in threads. The in-process model then shares the cores
 with the decoders (:func:`_scoring_threads`). Unreadable inputs become rows with ``error``
 (the run goes on), and so do the images of
@@ -55,8 +55,8 @@ import numpy as np
 from cdc_serve import CDCError, usable_cores
 from cdc_serve.choices import Engine, values
 from cdc_serve.client import Client, Prediction
+from cdc_serve.decode_pool import DecodePool
 from cdc_serve.idx import check_idx, is_idx, iter_idx_blocks, read_idx
-from cdc_serve.image_folder import DecodePool
 from cdc_serve.npy import read_npy
 from cdc_serve.predict_output import (
     COLUMNS,

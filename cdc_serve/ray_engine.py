@@ -20,7 +20,7 @@ The data flow, in the order of this module:
 3. ``map_batches`` with the callable class :class:`Scorer` on a fixed pool of actors
    (one per CPU of the cluster unless ``--ray-actors`` says otherwise), each holding one
    Client (one onnxruntime session on one thread, or one Triton client with ``--url``).
-   An actor decodes its files in its own process (:class:`~cdc_serve.image_folder.
+   An actor decodes its files in its own process (:class:`~cdc_serve.decode_pool.
    DecodePool` with one worker) and scores them with the local engine's
    :func:`cdc_serve.predict._score_chunk`: the same images, the same error rows.
 4. Ray Data hands the result blocks back in input order (``preserve_order``); the
@@ -296,7 +296,7 @@ class Scorer:
     """One actor of the pool: one Client, image files decoded in this process."""
 
     def __init__(self, client_kwargs: dict[str, Any]) -> None:
-        from cdc_serve.image_folder import DecodePool
+        from cdc_serve.decode_pool import DecodePool
 
         self.client = Client(**client_kwargs)
         meta = self.client.meta

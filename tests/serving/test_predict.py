@@ -327,15 +327,21 @@ def test_worker_processes_decode_as_this_process_does(model_dir, tmp_path):
 def test_decode_pool_uses_its_processes_and_keeps_the_order(tmp_path):
     import multiprocessing
 
-    from cdc_serve.image_folder import CHUNK, DecodePool
+    from cdc_serve.decode_pool import SLOTS, TASK, DecodePool
     from cdc_serve.preprocess import load_image
 
-    files = [str(p) for p in sorted(image_folder(tmp_path / "imgs", 3 * CHUNK + 5).rglob("*.png"))]
+    files = [str(p) for p in sorted(image_folder(tmp_path / "imgs", 6 * TASK + 5).rglob("*.png"))]
     files.insert(7, str(tmp_path / "missing.png"))
     with DecodePool(1, (6, 6), workers=2) as pool:
-        assert len(multiprocessing.active_children()) == 2
+        assert len(multiprocessing.active_children()) == 1  # one helper; this process decodes too
         first, second = pool.submit(files[:50]), pool.submit(files[50:])
         got = pool.collect(first) + pool.collect(second)
+        for _ in range(SLOTS + 1):  # the job slots are reused once collected
+            assert len(pool.collect(pool.submit(files[:3]))) == 3
+        waiting = [pool.submit(files[:1]) for _ in range(SLOTS)]
+        with pytest.raises(CDCError, match="at most"):
+            pool.submit(files[:1])
+        assert all(len(pool.collect(job)) == 1 for job in waiting)
     assert isinstance(got[7], str) and "missing.png" in got[7]
     want = [load_image(f, 1, (6, 6)) for f in files[:7] + files[8:]]
     assert all((a == b).all() for a, b in zip(got[:7] + got[8:], want, strict=True))
