@@ -399,11 +399,12 @@ def _scoring_threads(
     """:class:`Client`'s ``threads`` and ``spinning`` for scoring in process (none for
     Triton, ``url``); ``threads`` None is all cores.
 
-    When image files are decoded in worker processes, one per core, the scoring shares
-    the cores with them. Decoding a small file costs 4-5 times what scoring it does
-    (docs/BENCHMARKS.md, section 5), so the scoring gets a quarter of the cores (at
-    least one thread), and its idle threads sleep instead of spinning on cores the
-    decoders need: 1.4x the images/s of a folder of small files on 2 cores.
+    When image files are decoded on every core (:class:`DecodePool`: helper processes
+    and this one), the scoring shares the cores with the decoding. Decoding a small file
+    costs 4-5 times what scoring it does (docs/BENCHMARKS.md, section 5), so the scoring
+    gets a quarter of the cores (at least one thread), and its idle threads sleep
+    instead of spinning on cores the decoders need (measured: 1.4x the images/s of a
+    folder of small files on 2 cores, with the earlier pool of one decoder per core).
     """
     if url is not None:
         return {}
