@@ -11,8 +11,8 @@ Contenders, each a whole pass over the folder, timed in alternating rounds:
 - **Pillow loop**: one thread opening each file, converting it to grayscale and resizing
   it to 28 x 28 (bilinear); no scoring, no output (the goal's yardstick);
 - **predict**: :func:`cdc_serve.predict.predict` as the CLI runs it (image files decoded
-  in one worker process per core, scoring in process with onnxruntime, rows written to a
-  CSV file);
+  on every core, by helper processes and the scoring process; scoring in process with
+  onnxruntime, rows written to a CSV file);
 - **predict, 1 process**: the same with decoding in the scoring process;
 - **predict --engine ray** (with the ray extra): the same rows from Ray Data actors, one
   per core, each decoding its files and holding one onnxruntime session, on a local Ray
@@ -136,7 +136,10 @@ def run(settings: BenchSettings) -> Section:
     cores = cpu_cores()
     rows = [
         ["Pillow loop: open, grayscale, resize to 28x28 (1 thread)", fmt_rate(rate["pillow"])],
-        [f"cdc-serve predict (decoding in {cores} worker processes)", fmt_rate(rate["predict"])],
+        [
+            f"cdc-serve predict (decoding on {cores} cores, the scoring process included)",
+            fmt_rate(rate["predict"]),
+        ],
         ["cdc-serve predict (decoding in the scoring process)", fmt_rate(rate["predict_1"])],
     ]
     if ray_seconds is not None:
