@@ -11,11 +11,13 @@ processes on one core. :class:`DecodePool` shares the decoding instead:
    results;
 2. the caller scores the previous chunk meanwhile;
 3. ``collect(job)`` makes the calling process a decoder too: it takes the tasks still
-   left from the same counter and decodes them itself, then gathers the helpers'
-   results and returns every file's image (or its one-line reason) in order.
+   left from the same counter and decodes them itself; while the helpers finish the
+   job's last tasks, it decodes tasks of the jobs submitted after it (their results
+   wait for their own ``collect``); then it gathers the helpers' results and returns
+   every file's image (or its one-line reason) in order.
 
-So the helpers never wait for work, the caller never waits long for its images, and no
-core carries more than one busy process. With ``workers`` 1 there is no helper: the
+So the helpers never wait for work, the caller waits for its images only when no task
+is left anywhere, and no core carries more than one busy process. With ``workers`` 1 there is no helper: the
 caller decodes each chunk at ``collect``.
 
 Every file is decoded by :func:`cdc_serve.preprocess.load_image`, the same function
@@ -96,6 +98,8 @@ class DecodePool:
         self._pool = None
         self._counters = None
         self._submitted = self._collected = 0
+        self._open: dict[int, list[list[str]]] = {}  # slot -> tasks, of jobs not collected
+        self._ahead: dict[int, dict[int, tuple]] = {}  # slot -> results decoded early
         if self.workers > 1:
             context = pool_context()
             self._counters = context.Array("q", SLOTS)
@@ -109,6 +113,7 @@ class DecodePool:
         slot = self._submitted % SLOTS
         self._submitted += 1
         tasks = [list(files[i : i + TASK]) for i in range(0, len(files), TASK)]
+        self._open[slot], self._ahead[slot] = tasks, {}
         helpers = []
         if self._pool is not None and self._counters is not None:
             self._counters[slot] = 0
@@ -118,16 +123,28 @@ class DecodePool:
 
     def collect(self, job: tuple[int, list[list[str]], list]) -> list[np.ndarray | str]:
         slot, tasks, helpers = job
-        results: dict[int, tuple] = {}
+        results = self._ahead.pop(slot)
+        del self._open[slot]
         if self._counters is None:
             results = {t: decode_files(files, *self._target) for t, files in enumerate(tasks)}
         else:
             while (task := _take(self._counters, slot)) < len(tasks):
                 results[task] = decode_files(tasks[task], *self._target)
+            while not all(helper.ready() for helper in helpers) and self._decode_ahead():
+                pass
             for helper in helpers:
                 results.update(helper.get())
         self._collected += 1
         return [x for t in range(len(tasks)) for x in _unpack(results[t])]
+
+    def _decode_ahead(self) -> bool:
+        """Decode one task of the oldest job not yet collected that has one left; False
+        when no job has a task left."""
+        for slot, tasks in self._open.items():
+            if (task := _take(self._counters, slot)) < len(tasks):
+                self._ahead[slot][task] = decode_files(tasks[task], *self._target)
+                return True
+        return False
 
     def close(self) -> None:
         if self._pool is not None:

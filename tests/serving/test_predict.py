@@ -335,6 +335,7 @@ def test_decode_pool_uses_its_processes_and_keeps_the_order(tmp_path):
     with DecodePool(1, (6, 6), workers=2) as pool:
         assert len(multiprocessing.active_children()) == 1  # one helper; this process decodes too
         first, second = pool.submit(files[:50]), pool.submit(files[50:])
+        assert pool._decode_ahead()  # a task decoded ahead waits for its job's collect
         got = pool.collect(first) + pool.collect(second)
         for _ in range(SLOTS + 1):  # the job slots are reused once collected
             assert len(pool.collect(pool.submit(files[:3]))) == 3
