@@ -196,7 +196,7 @@ def pool_context():
         method = "forkserver"
     context = multiprocessing.get_context(method)
     if method == "forkserver":
-        context.set_forkserver_preload([__name__])
+        context.set_forkserver_preload(["__main__", __name__])
     return context
 
 
