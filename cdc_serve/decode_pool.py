@@ -17,8 +17,8 @@ processes on one core. :class:`DecodePool` shares the decoding instead:
    every file's image (or its one-line reason) in order.
 
 So the helpers never wait for work, the caller waits for its images only when no task
-is left anywhere, and no core carries more than one busy process. With ``workers`` 1 there is no helper: the
-caller decodes each chunk at ``collect``.
+is left anywhere, and no core carries more than one busy process. With ``workers`` 1
+there is no helper: the caller decodes each chunk at ``collect``.
 
 Every file is decoded by :func:`cdc_serve.preprocess.load_image`, the same function
 training's folder reader uses.
