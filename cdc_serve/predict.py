@@ -57,6 +57,7 @@ from cdc_serve.choices import Engine, values
 from cdc_serve.client import Client, Prediction
 from cdc_serve.decode_pool import DecodePool
 from cdc_serve.idx import check_idx, is_idx, iter_idx_blocks, read_idx
+from cdc_serve.modelmeta import find_model
 from cdc_serve.npy import read_npy
 from cdc_serve.predict_output import (
     COLUMNS,
@@ -338,6 +339,7 @@ def predict(
     _check_engine(engine, client, ray_address, ray_actors)
     own_client = client is None
     client_kwargs: dict[str, Any] = {}
+    decoder = None
     if client is None:
         if model is None and url is None:
             raise CDCError("give --model PATH (local scoring) or --url HOST:PORT (Triton)")
@@ -357,7 +359,13 @@ def predict(
             shared_memory=shared_memory,
             **_scoring_threads(inputs, decode_workers, engine, url),
         )
-        client = Client(**client_kwargs)
+        decoder = _early_decoder(inputs, model, url, decode_workers, engine)
+        try:
+            client = Client(**client_kwargs)
+        except BaseException:
+            if decoder is not None:
+                decoder.close()
+            raise
     try:
         partial = Path(f"{output}.partial") if output is not None else None
         done = _rows_done(Path(output), partial, kind) if resume and partial else {}
@@ -381,10 +389,12 @@ def predict(
                 rows = batch_size * max(1, client.concurrency)
                 score_on_ray(inputs, client, client_kwargs, rows, sink, ray_address, ray_actors)
             else:
-                _score_all(inputs, client, batch_size, sink, decode_workers)
+                _score_all(inputs, client, batch_size, sink, decode_workers, decoder)
         finally:
             sink.close()
     finally:
+        if decoder is not None:
+            decoder.close()
         if own_client:
             client.close()
     if output is not None and partial is not None and kind is not None:
@@ -418,6 +428,38 @@ def _scoring_threads(
     return {"threads": None, "spinning": True}
 
 
+def _early_decoder(
+    inputs: Sequence[Path],
+    model: Path | None,
+    url: str | None,
+    decode_workers: int | None,
+    engine: str,
+) -> DecodePool | None:
+    """The decoding pool of a local run over image files, started before the model loads.
+
+    Started now, while no library with threads of its own is loaded, its helper
+    processes are forked from this process at once (:func:`cdc_serve.image_folder.pool_context`);
+    started after onnxruntime, they would come from a fork server, which costs a command
+    run about 0.3 s to start. None when no pool is needed (Triton, one worker, no image
+    files, another engine) or the model's metadata cannot be read (the Client then says
+    why)."""
+    workers = decode_workers or usable_cores()
+    wanted = (
+        url is None
+        and model is not None
+        and engine == Engine.local.value
+        and workers > 1
+        and any(p.is_dir() or p.suffix.lower() in IMAGE_SUFFIXES for p in inputs)
+    )
+    if not wanted:
+        return None
+    try:
+        _, meta = find_model(model)
+    except CDCError:
+        return None
+    return DecodePool(meta.channels, tuple(meta.input_size), MAX_PIXELS, workers)
+
+
 def _check_engine(
     engine: str, client: Client | None, ray_address: str | None, ray_actors: int | None
 ) -> None:
@@ -449,13 +491,15 @@ def _score_all(
     batch_size: int,
     sink: RowSink,
     decode_workers: int | None = None,
+    decoder: DecodePool | None = None,
 ) -> None:
     """Read, score and write the inputs chunk by chunk; rows in ``done`` are not scored again.
 
-    Reading runs one chunk ahead: chunk k+1 is being decoded while chunk k is scored."""
+    Reading runs one chunk ahead: chunk k+1 is being decoded while chunk k is scored.
+    Image files go to ``decoder``, else to a pool started at the first chunk that has any
+    (closed here either way)."""
     chunk_size = batch_size * max(1, client.concurrency)
     done = sink.done
-    decoder: DecodePool | None = None
     workers = decode_workers or usable_cores()
 
     def finish(chunk: list[Item], todo: list[Item], wait: Callable) -> None:

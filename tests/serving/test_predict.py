@@ -322,6 +322,13 @@ def test_worker_processes_decode_as_this_process_does(model_dir, tmp_path):
                           decode_workers=workers)  # fmt: skip
         assert summary.n == 46 and summary.n_errors == 2
     assert outs[1].read_text() == outs[2].read_text()
+    # a command run starts its helpers before onnxruntime loads (forked, no fork server)
+    cli = tmp_path / "cli.csv"
+    cmd = [sys.executable, "-m", "cdc_serve.cli", "predict", str(folder), "--model",
+           str(model_dir), "--output", str(cli), "--batch-size", "4"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert cli.read_text() == outs[1].read_text()
 
 
 def test_decode_pool_uses_its_processes_and_keeps_the_order(tmp_path):
