@@ -185,9 +185,8 @@ def pool_context():
     On Linux the workers are forked: from this process when no library that runs its own
     threads is loaded (:data:`THREADED`), else from a fork server (a forked copy of
     onnxruntime's or torch's thread pools, or of gRPC's, can hang), which starts once per
-    process with the main module and this one preloaded (so a new worker imports
-    neither again). Elsewhere they are spawned (a script calling this then needs the
-    usual ``if __name__ == "__main__":`` guard).
+    process with this module preloaded. Elsewhere they are spawned (a script calling
+    this then needs the usual ``if __name__ == "__main__":`` guard).
     """
     if not sys.platform.startswith("linux"):
         method = "spawn"
@@ -197,7 +196,7 @@ def pool_context():
         method = "forkserver"
     context = multiprocessing.get_context(method)
     if method == "forkserver":
-        context.set_forkserver_preload(["__main__", __name__])
+        context.set_forkserver_preload([__name__])
     return context
 
 
