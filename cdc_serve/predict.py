@@ -339,7 +339,6 @@ def predict(
     _check_engine(engine, client, ray_address, ray_actors)
     own_client = client is None
     client_kwargs: dict[str, Any] = {}
-    decoder = None
     if client is None:
         if model is None and url is None:
             raise CDCError("give --model PATH (local scoring) or --url HOST:PORT (Triton)")
@@ -359,24 +358,15 @@ def predict(
             shared_memory=shared_memory,
             **_scoring_threads(inputs, decode_workers, engine, url),
         )
-        decoder = _early_decoder(inputs, model, url, decode_workers, engine)
-        try:
-            client = Client(**client_kwargs)
-        except BaseException:
-            if decoder is not None:
-                decoder.close()
-            raise
+    decoder = _early_decoder(inputs, model, url, decode_workers, engine) if own_client else None
     try:
+        if client is None:
+            client = Client(**client_kwargs)
         partial = Path(f"{output}.partial") if output is not None else None
         done = _rows_done(Path(output), partial, kind) if resume and partial else {}
         if output is not None:
             Path(output).parent.mkdir(parents=True, exist_ok=True)
-        summary = Summary(
-            reject_below=client.reject_below,
-            ood_score_name=client.ood.name,
-            model=f"{client.meta.name} v{client.meta.version} [{client.protocol}: {client.where}]",
-            output=str(output) if output is not None else None,
-        )
+        summary = _new_summary(client, output)
         tally = Tally()
         writer = (
             RowWriter(partial, journal_kind(kind), append=bool(done)) if partial and kind else None
@@ -395,7 +385,7 @@ def predict(
     finally:
         if decoder is not None:
             decoder.close()
-        if own_client:
+        if own_client and client is not None:
             client.close()
     if output is not None and partial is not None and kind is not None:
         finish_output(partial, Path(output), kind)
@@ -426,6 +416,17 @@ def _scoring_threads(
     if decoding:
         return {"threads": max(1, usable_cores() // 4), "spinning": False}
     return {"threads": None, "spinning": True}
+
+
+def _new_summary(client: Client, output: Path | None) -> Summary:
+    """The run's summary before any row: the model, its thresholds and the output."""
+    where = f"{client.meta.name} v{client.meta.version} [{client.protocol}: {client.where}]"
+    return Summary(
+        reject_below=client.reject_below,
+        ood_score_name=client.ood.name,
+        model=where,
+        output=str(output) if output is not None else None,
+    )
 
 
 def _early_decoder(
