@@ -411,11 +411,16 @@ def _scoring_threads(
     decoding = (
         engine == Engine.local.value
         and (decode_workers or usable_cores()) > 1
-        and any(p.is_dir() or p.suffix.lower() in IMAGE_SUFFIXES for p in inputs)
+        and _has_image_files(inputs)
     )
     if decoding:
         return {"threads": max(1, usable_cores() // 4), "spinning": False}
     return {"threads": None, "spinning": True}
+
+
+def _has_image_files(inputs: Sequence[Path]) -> bool:
+    """Whether the inputs hold image files to decode (a folder, or an image file)."""
+    return any(p.is_dir() or p.suffix.lower() in IMAGE_SUFFIXES for p in inputs)
 
 
 def _new_summary(client: Client, output: Path | None) -> Summary:
@@ -450,7 +455,7 @@ def _early_decoder(
         and model is not None
         and engine == Engine.local.value
         and workers > 1
-        and any(p.is_dir() or p.suffix.lower() in IMAGE_SUFFIXES for p in inputs)
+        and _has_image_files(inputs)
     )
     if not wanted:
         return None
