@@ -105,31 +105,10 @@ def to_model_image(img: Image.Image, channels: int, input_size: tuple[int, int])
     height, width = input_size
     if img.size != (width, height):
         img = img.resize((width, height), Image.BILINEAR)
-    arr = np.asarray(img, dtype=np.uint8)
-    return arr[None] if channels == 1 else np.ascontiguousarray(arr.transpose(2, 0, 1))
-
-
-def _decoded_to_model_image(
-    pixels: np.ndarray, channels: int, input_size: tuple[int, int]
-) -> np.ndarray:
-    """:func:`to_model_image` of OpenCV's uint8 ``H x W`` or ``H x W x 3`` (RGB) pixels.
-
-    The same Pillow steps (convert, bilinear resize), with the pixels handed to Pillow
-    and taken back as raw bytes: that skips the array-interface round trips of
-    ``Image.fromarray`` and ``np.asarray``, about 20 us of a small file's 300."""
-    height, width = pixels.shape[:2]
-    mode = "L" if pixels.ndim == 2 else "RGB"
-    img = Image.frombuffer(mode, (width, height), pixels, "raw", mode, 0, 1)
-    target = "L" if channels == 1 else "RGB"
-    if mode != target:
-        img = img.convert(target)
-    out_height, out_width = input_size
-    if (width, height) != (out_width, out_height):
-        img = img.resize((out_width, out_height), Image.BILINEAR)
-    flat = np.frombuffer(img.tobytes(), np.uint8)
+    flat = np.frombuffer(img.tobytes(), np.uint8)  # raw bytes: cheaper than np.asarray(img)
     if channels == 1:
-        return flat.reshape(1, out_height, out_width)
-    return np.ascontiguousarray(flat.reshape(out_height, out_width, 3).transpose(2, 0, 1))
+        return flat.reshape(1, height, width)
+    return np.ascontiguousarray(flat.reshape(height, width, 3).transpose(2, 0, 1))
 
 
 def open_image(
@@ -231,8 +210,11 @@ def load_image(
     pixels Pillow gives it, faster: docs/BENCHMARKS.md, section 5); every other file by Pillow.
     """
     pixels = fast_decode.decode(path, channels, max(input_size), max_pixels)
-    if pixels is not None:
-        return _decoded_to_model_image(pixels, channels, input_size)
+    if pixels is not None:  # handed to Pillow as raw bytes (cheaper than Image.fromarray)
+        mode = "L" if pixels.ndim == 2 else "RGB"
+        size = (pixels.shape[1], pixels.shape[0])
+        img = Image.frombuffer(mode, size, pixels, "raw", mode, 0, 1)
+        return to_model_image(img, channels, input_size)
     img = open_image(path, max_pixels, draft=max(input_size), gray=channels == 1)
     try:
         return to_model_image(img, channels, input_size)
