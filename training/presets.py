@@ -148,7 +148,7 @@ def _quick_preset() -> dict[str, Any]:
       paper's init.
 
     Measured (seeds 0-4 from scratch, 2-core Intel Xeon, docs/BENCHMARKS.md): CDC-Cal
-    ACC 67.4-70.8 %, 10-19 points above K-means on the same backbone, ECE 3.0-5.9 %
+    ACC 67.4-70.8 %, 10-20 points above K-means on the same backbone, ECE 3.0-5.9 %
     (seed 0: 69.3 % at 3.9 %), 5-6 minutes a run. With one K-means draw the seed decided
     the accuracy: an initialisation either reached 63-71 % or stopped at 51-59 %, where
     two unlike classes share a cluster (Ankle boot with Bag, Sneaker with Sandal;
